@@ -1,0 +1,32 @@
+# `make test` and `make demo` work from a fresh clone: they build .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: test lint bench bench-smoke demo clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# constraints.txt pins torch to the local CPU wheel, so no CUDA wheels are downloaded.
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,dev,bench,demo]'
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# Pass 1: everything, with the jaxtyping + beartype runtime check on (see conftest.py).
+# Pass 2: the compile tests, which need it off because its wrapper breaks fullgraph tracing.
+test: lint
+	$(BIN)/python -m pytest -m "not compile"
+	$(BIN)/python -m pytest -m compile --no-typecheck tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info
+
+demo: $(STAMP)
+	@echo "make demo: coming with the demo issue (a toy SAE trained with these losses)."
+
+bench: $(STAMP)
+	@echo "make bench: coming with the speed issue."

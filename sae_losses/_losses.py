@@ -1,0 +1,201 @@
+"""The two SAE loss ops: L2 reconstruction error and L1 sparsity penalty.
+
+Both reduce over the feature axis first (one value per row), then over the batch axis as
+``reduce`` says. In eager mode the rows are processed in blocks of about 2 MiB, so the
+``batch x feature`` temporary (``decoded - source`` or ``|learned|``) stays in cache instead of
+making a round trip to memory; a custom autograd function keeps only the inputs for backward.
+Under ``torch.compile`` the plain formula is traced instead, so inductor can fuse it.
+"""
+
+import math
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from sae_losses._checks import (
+    accumulation_dtype,
+    check_activations,
+    check_reduce,
+    reduce_batch,
+    shape_str,
+)
+
+# Elements per block of rows: about 2 MiB of float32, half a core's L2 cache on each of 2 threads.
+_BLOCK_ELEMENTS = 1 << 19
+
+
+def _rows_per_block(x: Tensor) -> int:
+    return max(1, _BLOCK_ELEMENTS // math.prod(x.shape[1:]))
+
+
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _l2_rows(decoded: Tensor, source: Tensor, dtype: torch.dtype) -> Tensor:
+    rows = torch.empty(decoded.shape[:-1], dtype=dtype, device=decoded.device)
+    rows_per_block = _rows_per_block(decoded)
+    exact_difference = torch.promote_types(decoded.dtype, source.dtype) == dtype
+    for d, s, out in zip(
+        decoded.split(rows_per_block),
+        source.split(rows_per_block),
+        rows.split(rows_per_block),
+        strict=True,
+    ):
+        # Two half-precision inputs are subtracted in float32, not rounded to half first.
+        diff = torch.sub(d, s) if exact_difference else d.to(dtype).sub_(s)
+        torch.mean(diff.square_(), dim=-1, out=out)
+    return rows
+
+
+def _l1_rows(learned: Tensor, dtype: torch.dtype) -> Tensor:
+    rows = torch.empty(learned.shape[:-1], dtype=dtype, device=learned.device)
+    rows_per_block = _rows_per_block(learned)
+    for z, out in zip(learned.split(rows_per_block), rows.split(rows_per_block), strict=True):
+        torch.sum(z.abs(), dim=-1, dtype=dtype, out=out)
+    return rows
+
+
+class _L2Rows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, decoded: Tensor, source: Tensor, dtype: torch.dtype) -> Tensor:
+        ctx.save_for_backward(decoded, source)
+        return _l2_rows(decoded, source, dtype)
+
+    @staticmethod
+    def backward(ctx, grad_rows: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        decoded, source = ctx.saved_tensors
+        # d/d(decoded) mean_f (decoded - source)^2 = 2 (decoded - source) / F
+        scale = grad_rows.unsqueeze(-1) * (2.0 / decoded.shape[-1])
+        grad = torch.sub(decoded, source).mul_(scale)
+        grad_decoded = grad.to(decoded.dtype) if ctx.needs_input_grad[0] else None
+        grad_source = grad.neg().to(source.dtype) if ctx.needs_input_grad[1] else None
+        return grad_decoded, grad_source, None
+
+
+class _L1Rows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, learned: Tensor, dtype: torch.dtype) -> Tensor:
+        ctx.save_for_backward(learned)
+        return _l1_rows(learned, dtype)
+
+    @staticmethod
+    def backward(ctx, grad_rows: Tensor) -> tuple[Tensor, None]:
+        (learned,) = ctx.saved_tensors
+        # sign(0) = 0: a feature that is off gets no push in either direction.
+        return torch.sign(learned).mul_(grad_rows.unsqueeze(-1)), None
+
+
+def l2_reconstruction(
+    decoded: Float[Tensor, "batch *component feature"],
+    source: Float[Tensor, "batch *component feature"],
+    *,
+    reduce: str = "mean",
+) -> Float[Tensor, "..."]:
+    r"""Reconstruction error: the mean over features of the squared error, per row.
+
+    .. math::
+
+        \ell_{b,c} = \frac{1}{F} \sum_{f=1}^{F} (\hat{x}_{b,c,f} - x_{b,c,f})^2
+
+    and then ``reduce`` over the batch axis ``b`` only:
+    ``"none"`` returns :math:`\ell` itself, ``"mean"`` returns :math:`\frac{1}{B}\sum_b \ell_{b,c}`
+    and ``"sum"`` returns :math:`\sum_b \ell_{b,c}`. (``reduce`` is a string here; in
+    ``torch.nn`` losses the string option is called ``reduction``.)
+
+    This is the mean over features, as in the ``sparse_autoencoder`` library. SAELens and
+    ``dictionary_learning`` sum over features instead; multiply by ``decoded.shape[-1]`` to get
+    that convention.
+
+    Shapes:
+        - ``decoded``, ``source``: ``(batch, *component, feature)``, identical shapes.
+        - result: ``(batch, *component)`` for ``"none"``, ``(*component)`` otherwise
+          (a 0-d tensor for 2-D inputs).
+
+    Half-precision inputs are accumulated in float32 and give a float32 result; float32 and
+    float64 stay as they are. An empty batch gives an empty ``"none"`` result, zeros for
+    ``"sum"`` and NaN for ``"mean"``, like ``torch.mean``.
+
+    Raises:
+        TypeError: an input is not a floating-point tensor.
+        ValueError: the shapes differ (there is no broadcasting), an input has fewer than 2
+            dimensions or no features, or ``reduce`` is not one of the three modes.
+
+    Example:
+        >>> import torch
+        >>> from sae_losses import l2_reconstruction
+        >>> source = torch.tensor([[[4.0, 2.0]], [[2.0, 0.0]]])  # (batch=2, component=1, feature=2)
+        >>> decoded = torch.tensor([[[2.0, 0.0]], [[0.0, 0.0]]])
+        >>> l2_reconstruction(decoded, source, reduce="none")  # (4 + 4) / 2 and (4 + 0) / 2
+        tensor([[4.],
+                [2.]])
+        >>> l2_reconstruction(decoded, source)
+        tensor([3.])
+    """
+    check_activations("decoded", decoded)
+    check_activations("source", source)
+    if decoded.shape != source.shape:
+        raise ValueError(
+            "`decoded` and `source` must have the same shape, "
+            f"got {shape_str(decoded)} and {shape_str(source)}."
+        )
+    check_reduce(reduce)
+    dtype = accumulation_dtype(decoded.dtype, source.dtype)
+    if torch.compiler.is_compiling():
+        rows = (decoded.to(dtype) - source.to(dtype)).square().mean(-1)
+    elif _needs_grad(decoded, source):
+        rows = _L2Rows.apply(decoded, source, dtype)
+    else:
+        rows = _l2_rows(decoded, source, dtype)
+    return reduce_batch(rows, reduce)
+
+
+def l1_absolute(
+    learned: Float[Tensor, "batch *component feature"],
+    *,
+    reduce: str = "mean",
+) -> Float[Tensor, "..."]:
+    r"""Sparsity penalty: the sum over features of the absolute activations, per row.
+
+    .. math::
+
+        \ell_{b,c} = \sum_{f=1}^{F} |z_{b,c,f}|
+
+    and then ``reduce`` over the batch axis ``b`` only, exactly as in
+    :func:`l2_reconstruction`. Divide by ``learned.shape[-1]`` for the mean over features.
+    The gradient at :math:`z = 0` is 0.
+
+    Shapes:
+        - ``learned``: ``(batch, *component, feature)``, the SAE's hidden activations.
+        - result: ``(batch, *component)`` for ``"none"``, ``(*component)`` otherwise.
+
+    The dtype policy and the empty-batch results are those of :func:`l2_reconstruction`.
+
+    Raises:
+        TypeError: ``learned`` is not a floating-point tensor.
+        ValueError: ``learned`` has fewer than 2 dimensions or no features, or ``reduce`` is not
+            one of the three modes.
+
+    Example:
+        >>> import torch
+        >>> from sae_losses import l1_absolute
+        >>> learned = torch.tensor([[[1.0, 0.0, 1.0]], [[0.0, -1.0, 0.0]]])  # L1 of 2 and 1
+        >>> l1_absolute(learned, reduce="none")
+        tensor([[2.],
+                [1.]])
+        >>> l1_absolute(learned)
+        tensor([1.5000])
+        >>> l1_absolute(learned, reduce="sum")
+        tensor([3.])
+    """
+    check_activations("learned", learned)
+    check_reduce(reduce)
+    dtype = accumulation_dtype(learned.dtype)
+    if torch.compiler.is_compiling():
+        rows = learned.to(dtype).abs().sum(-1)
+    elif _needs_grad(learned):
+        rows = _L1Rows.apply(learned, dtype)
+    else:
+        rows = _l1_rows(learned, dtype)
+    return reduce_batch(rows, reduce)
