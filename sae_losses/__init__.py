@@ -3,6 +3,14 @@
 The public surface is exactly ``__all__``; everything else lives in private modules.
 """
 
+from sae_losses._distributed import PendingAllReduce, all_reduce
 from sae_losses._losses import l1_absolute, l2_reconstruction
+from sae_losses._streaming import StreamingMean
 
-__all__ = ["l1_absolute", "l2_reconstruction"]
+__all__ = [
+    "PendingAllReduce",
+    "StreamingMean",
+    "all_reduce",
+    "l1_absolute",
+    "l2_reconstruction",
+]

@@ -1,0 +1,190 @@
+"""Tests for all_reduce: on one process, and across real gloo process groups on localhost."""
+
+import datetime
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from sae_losses import PendingAllReduce, StreamingMean, all_reduce, l1_absolute, l2_reconstruction
+
+ROWS, COMPONENTS, FEATURES = 11, 2, 5
+
+
+def global_data():
+    generator = torch.Generator().manual_seed(1234)
+    decoded = torch.randn(ROWS, COMPONENTS, FEATURES, generator=generator)
+    source = torch.randn(ROWS, COMPONENTS, FEATURES, generator=generator)
+    return decoded, source
+
+
+# Uneven shards of the ROWS rows, with one rank that sees none: (start, stop) per rank.
+SHARDS = {2: [(0, 0), (0, ROWS)], 3: [(0, 7), (7, 7), (7, ROWS)]}
+
+
+def rank_rows(rank, world_size):
+    return slice(*SHARDS[world_size][rank])
+
+
+def local_metrics(decoded, source):
+    """The accumulators one rank keeps, updated in chunks of 3 rows."""
+    metrics = {
+        "l2": StreamingMean.empty((COMPONENTS,)),
+        "extra": [StreamingMean.empty((COMPONENTS,)), StreamingMean.empty()],
+    }
+    for d, s in zip(decoded.split(3), source.split(3), strict=True):
+        metrics = {
+            "l2": metrics["l2"].update(l2_reconstruction(d, s, reduce="none")),
+            "extra": [
+                metrics["extra"][0].update(l1_absolute(d, reduce="none")),
+                metrics["extra"][1].update(
+                    l2_reconstruction(d.flatten(1), s.flatten(1), reduce="none")
+                ),
+            ],
+        }
+    return metrics
+
+
+def expected_means():
+    decoded, source = global_data()
+    return {
+        "l2": l2_reconstruction(decoded.double(), source.double()),
+        "l1": l1_absolute(decoded.double()),
+        "flat": l2_reconstruction(decoded.flatten(1).double(), source.flatten(1).double()),
+    }
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_ranks(worker, world_size, tmp_path):
+    mp.start_processes(
+        worker,
+        args=(world_size, free_port(), str(tmp_path)),
+        nprocs=world_size,
+        start_method="spawn",
+    )
+    return [torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in range(world_size)]
+
+
+def init(rank, world_size, port):
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=120),
+    )
+
+
+def summary(metrics):
+    return {
+        "l2": metrics["l2"].compute(),
+        "l1": metrics["extra"][0].compute(),
+        "flat": metrics["extra"][1].compute(),
+        "count": metrics["l2"].count,
+    }
+
+
+def eager_worker(rank, world_size, port, out_dir):
+    init(rank, world_size, port)
+    try:
+        decoded, source = global_data()
+        rows = rank_rows(rank, world_size)
+        local = local_metrics(decoded[rows], source[rows])
+        synced = all_reduce(local)
+        pending = all_reduce(local, async_op=True)
+        assert isinstance(pending, PendingAllReduce)
+        waited = pending.wait()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            all_reduce(local)
+        collectives = sum(event.name == "gloo:all_reduce" for event in prof.events())
+        torch.save(
+            {
+                "synced": summary(synced),
+                "async": summary(waited),
+                "collectives": torch.tensor(collectives),
+            },
+            f"{out_dir}/{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def compiled_worker(rank, world_size, port, out_dir):
+    init(rank, world_size, port)
+    try:
+        counter = CompileCounterWithBackend("inductor")
+
+        @torch.compile(backend=counter, fullgraph=True)
+        def eval_step(mean, decoded, source):
+            mean = mean.update(l2_reconstruction(decoded, source, reduce="none"))
+            return mean, all_reduce(mean)
+
+        decoded, source = global_data()
+        rows = rank_rows(rank, world_size)
+        mean = StreamingMean.empty((COMPONENTS,))
+        # Each rank calls the step the same number of times, with its own batch sizes.
+        for d, s in zip(decoded[rows].tensor_split(4), source[rows].tensor_split(4), strict=True):
+            mean, synced = eval_step(mean, d, s)
+        torch.save(
+            {
+                "l2": synced.compute(),
+                "count": synced.count,
+                "frames": torch.tensor(counter.frame_count),
+            },
+            f"{out_dir}/{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rank_rows_cover_the_data_unevenly_with_an_empty_rank():
+    for world_size in (2, 3):
+        sizes = [len(range(ROWS)[rank_rows(r, world_size)]) for r in range(world_size)]
+        assert sum(sizes) == ROWS
+        assert 0 in sizes
+        assert len(set(sizes)) == world_size
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_every_rank_gets_the_global_mean(world_size, tmp_path):
+    expected = expected_means()
+    results = run_ranks(eager_worker, world_size, tmp_path)
+    for result in results:
+        for key in ("synced", "async"):
+            assert result[key]["count"].item() == ROWS
+            for name in ("l2", "l1", "flat"):
+                torch.testing.assert_close(result[key][name], expected[name], rtol=1e-6, atol=0)
+        # One collective for the four accumulators of the tree.
+        assert result["collectives"].item() == 1
+
+
+@pytest.mark.compile
+def test_compiled_step_with_all_reduce(tmp_path):
+    expected = expected_means()
+    for result in run_ranks(compiled_worker, 2, tmp_path):
+        assert result["count"].item() == ROWS
+        torch.testing.assert_close(result["l2"], expected["l2"], rtol=1e-6, atol=0)
+        assert 1 <= result["frames"].item() <= 2
+
+
+def test_without_a_process_group_the_tree_is_returned_unchanged():
+    assert not dist.is_initialized()
+    tree = {"l2": StreamingMean.empty().update(torch.tensor([1.0, 2.0]))}
+    assert all_reduce(tree) is tree
+    assert all_reduce(tree, async_op=True).wait() is tree
+    assert all_reduce([]) == []
+
+
+def test_non_accumulator_leaves_are_rejected():
+    with pytest.raises(
+        TypeError, match=r"all_reduce reduces StreamingMean leaves only, got a Tensor\."
+    ):
+        all_reduce({"l2": StreamingMean.empty(), "step": torch.tensor(3)})
