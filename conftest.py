@@ -22,3 +22,13 @@ def pytest_configure(config: pytest.Config) -> None:
         from jaxtyping import install_import_hook
 
         install_import_hook("sae_losses", "beartype.beartype")
+
+
+# Doctests that call torch.compile: they run with the compile tests, in the pass without the hook.
+COMPILING_DOCTEST_MODULES = ("sae_losses._fused",)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if isinstance(item, pytest.DoctestItem) and item.name.startswith(COMPILING_DOCTEST_MODULES):
+            item.add_marker(pytest.mark.compile)

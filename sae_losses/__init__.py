@@ -4,6 +4,7 @@ The public surface is exactly ``__all__``; everything else lives in private modu
 """
 
 from sae_losses._distributed import PendingAllReduce, all_reduce
+from sae_losses._fused import fused_l1_absolute, fused_l2_reconstruction
 from sae_losses._losses import l1_absolute, l2_reconstruction
 from sae_losses._streaming import StreamingMean
 
@@ -11,6 +12,8 @@ __all__ = [
     "PendingAllReduce",
     "StreamingMean",
     "all_reduce",
+    "fused_l1_absolute",
+    "fused_l2_reconstruction",
     "l1_absolute",
     "l2_reconstruction",
 ]

@@ -57,34 +57,96 @@ def _l1_rows(learned: Tensor, dtype: torch.dtype) -> Tensor:
     return rows
 
 
+def l2_rows_formula(decoded: Tensor, source: Tensor, dtype: torch.dtype) -> Tensor:
+    """The per-row L2 as one expression, for ``torch.compile`` to trace and fuse."""
+    return (decoded.to(dtype) - source.to(dtype)).square().mean(-1)
+
+
+def l1_rows_formula(learned: Tensor, dtype: torch.dtype) -> Tensor:
+    """The per-row L1 as one expression, for ``torch.compile`` to trace and fuse."""
+    return learned.to(dtype).abs().sum(-1)
+
+
+def check_l2_inputs(decoded: object, source: object, reduce: object) -> torch.dtype:
+    """Validate :func:`l2_reconstruction`'s arguments; return the accumulation dtype."""
+    check_activations("decoded", decoded)
+    check_activations("source", source)
+    if decoded.shape != source.shape:
+        raise ValueError(
+            "`decoded` and `source` must have the same shape, "
+            f"got {shape_str(decoded)} and {shape_str(source)}."
+        )
+    check_reduce(reduce)
+    return accumulation_dtype(decoded.dtype, source.dtype)
+
+
+def check_l1_inputs(learned: object, reduce: object) -> torch.dtype:
+    """Validate :func:`l1_absolute`'s arguments; return the accumulation dtype."""
+    check_activations("learned", learned)
+    check_reduce(reduce)
+    return accumulation_dtype(learned.dtype)
+
+
+def l2_grads_formula(
+    decoded: Tensor, source: Tensor, grad_rows: Tensor, need_decoded: bool, need_source: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients of the per-row L2: d/d(decoded) = 2 (decoded - source) / F, times the upstream."""
+    scale = grad_rows.unsqueeze(-1) * (2.0 / decoded.shape[-1])
+    grad = torch.sub(decoded, source).mul_(scale)
+    grad_decoded = grad.to(decoded.dtype) if need_decoded else None
+    grad_source = grad.neg().to(source.dtype) if need_source else None
+    return grad_decoded, grad_source
+
+
+def l1_grad_formula(learned: Tensor, grad_rows: Tensor) -> Tensor:
+    """Gradient of the per-row L1: sign(learned) times the upstream; sign(0) = 0."""
+    return torch.sign(learned).mul_(grad_rows.unsqueeze(-1))
+
+
 class _L2Rows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, decoded: Tensor, source: Tensor, dtype: torch.dtype) -> Tensor:
-        ctx.save_for_backward(decoded, source)
-        return _l2_rows(decoded, source, dtype)
+    """Per-row L2 that saves only its inputs; the kernels are the eager or the compiled ones."""
 
     @staticmethod
-    def backward(ctx, grad_rows: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+    def forward(ctx, decoded, source, dtype, rows_kernel, grads_kernel):
+        ctx.save_for_backward(decoded, source)
+        ctx.grads_kernel = grads_kernel
+        return rows_kernel(decoded, source, dtype)
+
+    @staticmethod
+    def backward(ctx, grad_rows):
         decoded, source = ctx.saved_tensors
-        # d/d(decoded) mean_f (decoded - source)^2 = 2 (decoded - source) / F
-        scale = grad_rows.unsqueeze(-1) * (2.0 / decoded.shape[-1])
-        grad = torch.sub(decoded, source).mul_(scale)
-        grad_decoded = grad.to(decoded.dtype) if ctx.needs_input_grad[0] else None
-        grad_source = grad.neg().to(source.dtype) if ctx.needs_input_grad[1] else None
-        return grad_decoded, grad_source, None
+        need_decoded, need_source = ctx.needs_input_grad[:2]
+        grads = ctx.grads_kernel(decoded, source, grad_rows, need_decoded, need_source)
+        return *grads, None, None, None
 
 
 class _L1Rows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, learned: Tensor, dtype: torch.dtype) -> Tensor:
-        ctx.save_for_backward(learned)
-        return _l1_rows(learned, dtype)
+    """Per-row L1 that saves only its input; the kernels are the eager or the compiled ones."""
 
     @staticmethod
-    def backward(ctx, grad_rows: Tensor) -> tuple[Tensor, None]:
+    def forward(ctx, learned, dtype, rows_kernel, grad_kernel):
+        ctx.save_for_backward(learned)
+        ctx.grad_kernel = grad_kernel
+        return rows_kernel(learned, dtype)
+
+    @staticmethod
+    def backward(ctx, grad_rows):
         (learned,) = ctx.saved_tensors
-        # sign(0) = 0: a feature that is off gets no push in either direction.
-        return torch.sign(learned).mul_(grad_rows.unsqueeze(-1)), None
+        return ctx.grad_kernel(learned, grad_rows), None, None, None
+
+
+def l2_rows(decoded, source, dtype, rows_kernel=_l2_rows, grads_kernel=l2_grads_formula):
+    """Per-row L2 outside ``torch.compile``, through autograd only when a gradient is needed."""
+    if _needs_grad(decoded, source):
+        return _L2Rows.apply(decoded, source, dtype, rows_kernel, grads_kernel)
+    return rows_kernel(decoded, source, dtype)
+
+
+def l1_rows(learned, dtype, rows_kernel=_l1_rows, grad_kernel=l1_grad_formula):
+    """Per-row L1 outside ``torch.compile``, through autograd only when a gradient is needed."""
+    if _needs_grad(learned):
+        return _L1Rows.apply(learned, dtype, rows_kernel, grad_kernel)
+    return rows_kernel(learned, dtype)
 
 
 def l2_reconstruction(
@@ -133,21 +195,11 @@ def l2_reconstruction(
         >>> l2_reconstruction(decoded, source)
         tensor([3.])
     """
-    check_activations("decoded", decoded)
-    check_activations("source", source)
-    if decoded.shape != source.shape:
-        raise ValueError(
-            "`decoded` and `source` must have the same shape, "
-            f"got {shape_str(decoded)} and {shape_str(source)}."
-        )
-    check_reduce(reduce)
-    dtype = accumulation_dtype(decoded.dtype, source.dtype)
+    dtype = check_l2_inputs(decoded, source, reduce)
     if torch.compiler.is_compiling():
-        rows = (decoded.to(dtype) - source.to(dtype)).square().mean(-1)
-    elif _needs_grad(decoded, source):
-        rows = _L2Rows.apply(decoded, source, dtype)
+        rows = l2_rows_formula(decoded, source, dtype)
     else:
-        rows = _l2_rows(decoded, source, dtype)
+        rows = l2_rows(decoded, source, dtype)
     return reduce_batch(rows, reduce)
 
 
@@ -189,13 +241,9 @@ def l1_absolute(
         >>> l1_absolute(learned, reduce="sum")
         tensor([3.])
     """
-    check_activations("learned", learned)
-    check_reduce(reduce)
-    dtype = accumulation_dtype(learned.dtype)
+    dtype = check_l1_inputs(learned, reduce)
     if torch.compiler.is_compiling():
-        rows = learned.to(dtype).abs().sum(-1)
-    elif _needs_grad(learned):
-        rows = _L1Rows.apply(learned, dtype)
+        rows = l1_rows_formula(learned, dtype)
     else:
-        rows = _l1_rows(learned, dtype)
+        rows = l1_rows(learned, dtype)
     return reduce_batch(rows, reduce)
