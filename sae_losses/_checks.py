@@ -34,14 +34,14 @@ def check_reduce(reduce: object) -> None:
         raise ValueError(f"`reduce` must be one of 'none', 'mean' or 'sum', got {reduce!r}.")
 
 
-def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def accumulation_dtype(dtype: torch.dtype, other: torch.dtype | None = None) -> torch.dtype:
     """The dtype results are accumulated and returned in: half precision goes up to float32."""
-    dtype = dtypes[0]
-    for other in dtypes[1:]:
+    if other is not None and other != dtype:
         dtype = torch.promote_types(dtype, other)
-    if dtype in (torch.float16, torch.bfloat16):
-        return torch.float32
-    return dtype
+    return torch.float32 if dtype in _HALF_DTYPES else dtype
 
 
 def reduce_batch(rows: Tensor, reduce: str) -> Tensor:

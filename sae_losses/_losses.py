@@ -30,28 +30,39 @@ def _rows_per_block(x: Tensor) -> int:
 
 
 def _needs_grad(*tensors: Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return any(t.requires_grad for t in tensors) and torch.is_grad_enabled()
+
+
+def _difference(decoded: Tensor, source: Tensor, dtype: torch.dtype) -> Tensor:
+    # If either input already has the accumulation dtype, torch's promotion computes in it.
+    if dtype in (decoded.dtype, source.dtype):
+        return torch.sub(decoded, source)
+    # Two half-precision inputs are subtracted in float32, not rounded to half first.
+    return decoded.to(dtype).sub_(source)
 
 
 def _l2_rows(decoded: Tensor, source: Tensor, dtype: torch.dtype) -> Tensor:
-    rows = torch.empty(decoded.shape[:-1], dtype=dtype, device=decoded.device)
+    if decoded.numel() <= _BLOCK_ELEMENTS:  # one block: skip the bookkeeping
+        return _difference(decoded, source, dtype).square_().mean(-1)
     rows_per_block = _rows_per_block(decoded)
-    exact_difference = torch.promote_types(decoded.dtype, source.dtype) == dtype
+    rows = torch.empty(decoded.shape[:-1], dtype=dtype, device=decoded.device)
     for d, s, out in zip(
         decoded.split(rows_per_block),
         source.split(rows_per_block),
         rows.split(rows_per_block),
         strict=True,
     ):
-        # Two half-precision inputs are subtracted in float32, not rounded to half first.
-        diff = torch.sub(d, s) if exact_difference else d.to(dtype).sub_(s)
-        torch.mean(diff.square_(), dim=-1, out=out)
+        torch.mean(_difference(d, s, dtype).square_(), dim=-1, out=out)
     return rows
 
 
 def _l1_rows(learned: Tensor, dtype: torch.dtype) -> Tensor:
-    rows = torch.empty(learned.shape[:-1], dtype=dtype, device=learned.device)
+    if learned.numel() <= _BLOCK_ELEMENTS:
+        return (
+            learned.abs().sum(-1) if learned.dtype == dtype else learned.abs().sum(-1, dtype=dtype)
+        )
     rows_per_block = _rows_per_block(learned)
+    rows = torch.empty(learned.shape[:-1], dtype=dtype, device=learned.device)
     for z, out in zip(learned.split(rows_per_block), rows.split(rows_per_block), strict=True):
         torch.sum(z.abs(), dim=-1, dtype=dtype, out=out)
     return rows
