@@ -29,6 +29,6 @@ clean:
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
-# The full benchmark table (about 3 minutes on 2 CPU cores); --quick is the CI smoke run.
+# The full benchmark table (about 4 minutes on 2 CPU cores); --quick is the CI smoke run.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py

@@ -52,8 +52,9 @@ def _l2_rows(decoded: Tensor, source: Tensor, dtype: torch.dtype) -> Tensor:
         rows.split(rows_per_block),
         strict=True,
     ):
-        torch.mean(_difference(d, s, dtype).square_(), dim=-1, out=out)
-    return rows
+        # One read of the cached block (square_ then mean would make three passes over it).
+        torch.linalg.vector_norm(_difference(d, s, dtype), dim=-1, out=out)
+    return rows.square_().div_(decoded.shape[-1])
 
 
 def _l1_rows(learned: Tensor, dtype: torch.dtype) -> Tensor:
