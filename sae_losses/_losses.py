@@ -21,7 +21,7 @@ from sae_losses._checks import (
     shape_str,
 )
 
-# Elements per block of rows: about 2 MiB of float32, half a core's L2 cache on each of 2 threads.
+# Elements per block of rows: 2 MiB of float32, which 2 threads split into one 1 MiB L2 cache each.
 _BLOCK_ELEMENTS = 1 << 19
 
 

@@ -4,33 +4,24 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from helpers import l1_reference, l2_reference, randn
 from sae_losses import fused_l1_absolute, fused_l2_reconstruction, l1_absolute, l2_reconstruction
 
 pytestmark = pytest.mark.compile
-
-
-def randn(*shape, dtype=torch.float32, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("reduce", ["none", "mean", "sum"])
 def test_fused_matches_float64_reference(dtype, reduce):
     decoded, source = randn(6, 3, 10, dtype=dtype, seed=1), randn(6, 3, 10, dtype=dtype, seed=2)
-    expected_l2 = (decoded.double() - source.double()).pow(2).mean(-1)
-    expected_l1 = decoded.double().abs().sum(-1)
-    reduce_ref = {"none": lambda x: x, "mean": lambda x: x.mean(0), "sum": lambda x: x.sum(0)}
     result_l2 = fused_l2_reconstruction(decoded, source, reduce=reduce)
     result_l1 = fused_l1_absolute(decoded, reduce=reduce)
     assert result_l2.dtype == result_l1.dtype == l2_reconstruction(decoded, source).dtype
     rtol = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(
-        result_l2.double(), reduce_ref[reduce](expected_l2), rtol=rtol, atol=0
+        result_l2.double(), l2_reference(decoded, source, reduce), rtol=rtol, atol=0
     )
-    torch.testing.assert_close(
-        result_l1.double(), reduce_ref[reduce](expected_l1), rtol=rtol, atol=0
-    )
+    torch.testing.assert_close(result_l1.double(), l1_reference(decoded, reduce), rtol=rtol, atol=0)
 
 
 def test_fused_gradients_match_eager_and_save_only_inputs():

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from torch._dynamo.testing import CompileCounter
 
 import sae_losses
+from helpers import l1_reference, l2_reference, randn
 from sae_losses import _losses, l1_absolute, l2_reconstruction
 
 # The suite runs with the jaxtyping + beartype hook on, which rejects bad shapes and dtypes
@@ -19,23 +20,6 @@ l1_unchecked = inspect.unwrap(l1_absolute)
 
 REDUCE_MODES = ["none", "mean", "sum"]
 SHAPES = [(5, 7), (4, 3, 6), (3, 2, 4, 5), (1, 1)]
-
-
-def reduce_reference(rows: torch.Tensor, reduce: str) -> torch.Tensor:
-    return {"none": rows, "mean": rows.mean(0), "sum": rows.sum(0)}[reduce]
-
-
-def l2_reference(decoded, source, reduce):
-    return reduce_reference((decoded.double() - source.double()).pow(2).mean(-1), reduce)
-
-
-def l1_reference(learned, reduce):
-    return reduce_reference(learned.double().abs().sum(-1), reduce)
-
-
-def randn(*shape, dtype=torch.float32, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
 
 
 # --- the seed library's published cases -----------------------------------------------------
