@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     naive_l1 = torch.compile(seed_l1, fullgraph=True)
     user_l2 = torch.compile(lambda d, s: l2_reconstruction(d, s), fullgraph=True)
     user_l1 = torch.compile(lambda z: l1_absolute(z), fullgraph=True)
+    torchmetrics_mse = _torchmetrics_metric("MeanSquaredError", device)
 
     lines = [
         f"device: {device}, torch {torch.__version__}, threads: {torch.get_num_threads()}, "
@@ -139,6 +140,10 @@ def main(argv: list[str] | None = None) -> None:
             "read floor: d.sum(); s.sum()": lambda: (decoded.sum(), source.sum()),
             "seed formula": lambda: seed_l2(decoded, source),
             "F.mse_loss (SAELens)": lambda: mse_loss_l2(decoded, source),
+            # A global mean over all elements, not per row: the stateful peer's cost per batch.
+            "torchmetrics MeanSquaredError.update": lambda: torchmetrics_mse.update(
+                decoded, source
+            ),
             "naive formula, torch.compile": lambda: naive_l2(decoded, source),
             "l2_reconstruction (eager)": lambda: l2_reconstruction(decoded, source),
             "fused_l2_reconstruction": lambda: fused_l2_reconstruction(decoded, source),
@@ -201,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     lines += table("Per-call overhead on 8x16 inputs", results["tiny"], None, None)
 
     values = torch.rand(4096, device=device)
-    metric = _torchmetrics_mean(device)
+    metric = _torchmetrics_metric("MeanMetric", device)
     accumulator = StreamingMean.empty(device=device)
     results["update"] = tiny_timer.medians(
         {
@@ -231,10 +236,10 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(lines))
 
 
-def _torchmetrics_mean(device: torch.device):
-    from torchmetrics import MeanMetric
+def _torchmetrics_metric(name: str, device: torch.device):
+    import torchmetrics
 
-    return MeanMetric().to(device)
+    return getattr(torchmetrics, name)().to(device)
 
 
 def goals(results: dict[str, dict[str, float]], saved: dict[str, tuple[int, int]]) -> list[str]:
