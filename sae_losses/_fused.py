@@ -38,7 +38,12 @@ def fused_l2_reconstruction(
     *,
     reduce: str = "mean",
 ) -> Float[Tensor, "..."]:
-    """:func:`l2_reconstruction`, with the per-row values computed by one generated kernel.
+    r""":func:`l2_reconstruction`, with the per-row values computed by one generated kernel.
+
+    .. math::
+
+        \ell_{b,c} = \frac{1}{F} \sum_{f=1}^{F} (\hat{x}_{b,c,f} - x_{b,c,f})^2,
+        \text{ then ``reduce`` over } b
 
     Same formula, shapes, dtype policy, errors and gradients as :func:`l2_reconstruction`; the
     inputs are checked before the compiled kernel runs, so errors are the same too.
@@ -68,7 +73,11 @@ def fused_l1_absolute(
     *,
     reduce: str = "mean",
 ) -> Float[Tensor, "..."]:
-    """:func:`l1_absolute`, with the per-row values computed by one generated kernel.
+    r""":func:`l1_absolute`, with the per-row values computed by one generated kernel.
+
+    .. math::
+
+        \ell_{b,c} = \sum_{f=1}^{F} |z_{b,c,f}|, \text{ then ``reduce`` over } b
 
     Same formula, shapes, dtype policy, errors and gradients as :func:`l1_absolute`.
 

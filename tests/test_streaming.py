@@ -104,7 +104,7 @@ def test_long_float32_stream_does_not_drift():
     assert mean.count.item() == values.numel()
     assert abs(mean.compute().item() / reference.item() - 1) < 1e-10
     float32_drift = abs(float32_total.item() / values.numel() / reference.item() - 1)
-    assert float32_drift > 1e-6  # the test can tell the two apart
+    assert float32_drift > 1e-5  # measured 1.1e-4: the test can tell the two apart
 
 
 def test_update_detaches_and_accumulates_in_float64():
