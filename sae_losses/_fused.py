@@ -14,15 +14,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from sae_losses._checks import reduce_batch
 from sae_losses._losses import (
-    check_l1_inputs,
-    check_l2_inputs,
     l1_grad_formula,
-    l1_rows,
+    l1_loss,
     l1_rows_formula,
     l2_grads_formula,
-    l2_rows,
+    l2_loss,
     l2_rows_formula,
 )
 
@@ -30,6 +27,24 @@ from sae_losses._losses import (
 @functools.cache
 def _compiled(formula: Callable[..., object]) -> Callable[..., object]:
     return torch.compile(formula, fullgraph=True)
+
+
+# The kernels compile on first use. They sit inside the eager autograd functions, so only the
+# inputs are saved for backward (inductor's own partitioner would save `decoded - source`).
+def _l2_rows_kernel(decoded, source, dtype):
+    return _compiled(l2_rows_formula)(decoded, source, dtype)
+
+
+def _l2_grads_kernel(decoded, source, grad_rows, need_decoded, need_source):
+    return _compiled(l2_grads_formula)(decoded, source, grad_rows, need_decoded, need_source)
+
+
+def _l1_rows_kernel(learned, dtype):
+    return _compiled(l1_rows_formula)(learned, dtype)
+
+
+def _l1_grad_kernel(learned, grad_rows):
+    return _compiled(l1_grad_formula)(learned, grad_rows)
 
 
 def fused_l2_reconstruction(
@@ -56,16 +71,7 @@ def fused_l2_reconstruction(
         >>> fused_l2_reconstruction(decoded, source)  # the first call compiles: seconds
         tensor([3.])
     """
-    dtype = check_l2_inputs(decoded, source, reduce)
-    if torch.compiler.is_compiling():  # inside a caller's graph: inline, do not nest a compile
-        rows = l2_rows_formula(decoded, source, dtype)
-    else:
-        # Compiled forward and backward kernels inside the eager autograd function, so that only
-        # the inputs are saved (inductor's own partitioner would save `decoded - source`).
-        rows = l2_rows(
-            decoded, source, dtype, _compiled(l2_rows_formula), _compiled(l2_grads_formula)
-        )
-    return reduce_batch(rows, reduce)
+    return l2_loss(decoded, source, reduce, _l2_rows_kernel, _l2_grads_kernel)
 
 
 def fused_l1_absolute(
@@ -87,9 +93,4 @@ def fused_l1_absolute(
         >>> fused_l1_absolute(torch.tensor([[[1.0, 0.0, 1.0]], [[0.0, -1.0, 0.0]]]))
         tensor([1.5000])
     """
-    dtype = check_l1_inputs(learned, reduce)
-    if torch.compiler.is_compiling():
-        rows = l1_rows_formula(learned, dtype)
-    else:
-        rows = l1_rows(learned, dtype, _compiled(l1_rows_formula), _compiled(l1_grad_formula))
-    return reduce_batch(rows, reduce)
+    return l1_loss(learned, reduce, _l1_rows_kernel, _l1_grad_kernel)

@@ -147,18 +147,32 @@ class _L1Rows(torch.autograd.Function):
         return ctx.grad_kernel(learned, grad_rows), None, None, None
 
 
-def l2_rows(decoded, source, dtype, rows_kernel=_l2_rows, grads_kernel=l2_grads_formula):
-    """Per-row L2 outside ``torch.compile``, through autograd only when a gradient is needed."""
-    if _needs_grad(decoded, source):
-        return _L2Rows.apply(decoded, source, dtype, rows_kernel, grads_kernel)
-    return rows_kernel(decoded, source, dtype)
+def l2_loss(decoded, source, reduce, rows_kernel=_l2_rows, grads_kernel=l2_grads_formula):
+    """Check, compute the per-row L2 with the given kernels, and reduce over the batch axis.
+
+    Under ``torch.compile`` the plain formula is traced instead of the kernels. Outside it, the
+    autograd function is used only when a gradient is needed.
+    """
+    dtype = check_l2_inputs(decoded, source, reduce)
+    if torch.compiler.is_compiling():
+        rows = l2_rows_formula(decoded, source, dtype)
+    elif _needs_grad(decoded, source):
+        rows = _L2Rows.apply(decoded, source, dtype, rows_kernel, grads_kernel)
+    else:
+        rows = rows_kernel(decoded, source, dtype)
+    return reduce_batch(rows, reduce)
 
 
-def l1_rows(learned, dtype, rows_kernel=_l1_rows, grad_kernel=l1_grad_formula):
-    """Per-row L1 outside ``torch.compile``, through autograd only when a gradient is needed."""
-    if _needs_grad(learned):
-        return _L1Rows.apply(learned, dtype, rows_kernel, grad_kernel)
-    return rows_kernel(learned, dtype)
+def l1_loss(learned, reduce, rows_kernel=_l1_rows, grad_kernel=l1_grad_formula):
+    """Check, compute the per-row L1 with the given kernels, and reduce over the batch axis."""
+    dtype = check_l1_inputs(learned, reduce)
+    if torch.compiler.is_compiling():
+        rows = l1_rows_formula(learned, dtype)
+    elif _needs_grad(learned):
+        rows = _L1Rows.apply(learned, dtype, rows_kernel, grad_kernel)
+    else:
+        rows = rows_kernel(learned, dtype)
+    return reduce_batch(rows, reduce)
 
 
 def l2_reconstruction(
@@ -207,12 +221,7 @@ def l2_reconstruction(
         >>> l2_reconstruction(decoded, source)
         tensor([3.])
     """
-    dtype = check_l2_inputs(decoded, source, reduce)
-    if torch.compiler.is_compiling():
-        rows = l2_rows_formula(decoded, source, dtype)
-    else:
-        rows = l2_rows(decoded, source, dtype)
-    return reduce_batch(rows, reduce)
+    return l2_loss(decoded, source, reduce)
 
 
 def l1_absolute(
@@ -253,9 +262,4 @@ def l1_absolute(
         >>> l1_absolute(learned, reduce="sum")
         tensor([3.])
     """
-    dtype = check_l1_inputs(learned, reduce)
-    if torch.compiler.is_compiling():
-        rows = l1_rows_formula(learned, dtype)
-    else:
-        rows = l1_rows(learned, dtype)
-    return reduce_batch(rows, reduce)
+    return l1_loss(learned, reduce)
