@@ -5,15 +5,20 @@ The public surface is exactly ``__all__``; everything else lives in private modu
 
 from sae_losses._distributed import PendingAllReduce, all_reduce
 from sae_losses._fused import fused_l1_absolute, fused_l2_reconstruction
-from sae_losses._losses import l1_absolute, l2_reconstruction
+from sae_losses._reconstruction import fraction_of_variance_unexplained, l2_reconstruction
+from sae_losses._sparsity import jumprelu_l0, l0_norm, l1_absolute, lp_sparsity
 from sae_losses._streaming import StreamingMean
 
 __all__ = [
     "PendingAllReduce",
     "StreamingMean",
     "all_reduce",
+    "fraction_of_variance_unexplained",
     "fused_l1_absolute",
     "fused_l2_reconstruction",
+    "jumprelu_l0",
+    "l0_norm",
     "l1_absolute",
     "l2_reconstruction",
+    "lp_sparsity",
 ]

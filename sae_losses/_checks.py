@@ -1,20 +1,48 @@
-"""Cheap input checks shared by the ops and the accumulator.
+"""Cheap input checks shared by every op and accumulator.
 
-They read only Python-side metadata (type, dtype, shape), so they never sync with the device and
-they trace under ``torch.compile`` as guards rather than graph breaks.
+They read only Python-side metadata (type, dtype, shape, device), so they never sync with the
+device and they trace under ``torch.compile`` as guards rather than graph breaks. Messages format
+sizes one at a time, which works on the symbolic sizes of ``dynamic=True`` graphs too (``str`` of
+a whole symbolic shape cannot be traced).
 """
+
+from collections.abc import Sequence
+from typing import Literal, TypeAlias, cast
 
 import torch
 from torch import Tensor
 
-REDUCE_MODES = ("none", "mean", "sum")
+__all__ = [
+    "Reduce",
+    "accumulation_dtype",
+    "check_activations",
+    "check_feature_vector",
+    "check_mask",
+    "check_positive_float",
+    "check_reduce",
+    "check_same_shape",
+    "describe",
+    "shape_str",
+]
+
+Reduce: TypeAlias = Literal["none", "mean", "sum"]
+_REDUCE_MODES = ("none", "mean", "sum")
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def shape_str(x: Tensor) -> str:
-    return str(tuple(x.shape))
+def shape_str(shape: Tensor | Sequence[int]) -> str:
+    """``(2, 3)``-style text for a shape, concrete or symbolic."""
+    sizes = [f"{size}" for size in (shape.shape if isinstance(shape, Tensor) else shape)]
+    return "(" + ", ".join(sizes) + ("," if len(sizes) == 1 else "") + ")"
 
 
-def check_activations(name: str, x: object) -> None:
+def describe(x: object) -> str:
+    if isinstance(x, Tensor):
+        return f"a {x.dtype} tensor of shape {shape_str(x)}"
+    return type(x).__name__
+
+
+def check_activations(name: str, x: object) -> Tensor:
     """Check that ``x`` is a floating tensor shaped ``(batch, *component, feature)``."""
     if not isinstance(x, Tensor):
         raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}.")
@@ -27,27 +55,69 @@ def check_activations(name: str, x: object) -> None:
         )
     if x.shape[-1] == 0:
         raise ValueError(f"`{name}` has an empty feature axis: shape {shape_str(x)}.")
+    return x
 
 
-def check_reduce(reduce: object) -> None:
-    if not isinstance(reduce, str) or reduce not in REDUCE_MODES:
+def check_same_shape(names: str, a: Tensor, b: Tensor) -> None:
+    """No broadcasting: ``a`` and ``b`` must have identical shapes."""
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{names} must have the same shape, got {shape_str(a)} and {shape_str(b)}."
+        )
+
+
+def check_reduce(reduce: object) -> Reduce:
+    if not isinstance(reduce, str) or reduce not in _REDUCE_MODES:
         raise ValueError(f"`reduce` must be one of 'none', 'mean' or 'sum', got {reduce!r}.")
+    return cast(Reduce, reduce)
 
 
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
+def check_mask(mask: object, like: Tensor, *, weights_allowed: bool = True) -> Tensor | None:
+    """A ``(batch,)`` bool mask, or floating row weights where ``weights_allowed``."""
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"`mask` must be a torch.Tensor or None, got {type(mask).__name__}.")
+    if mask.dtype != torch.bool and not (weights_allowed and mask.is_floating_point()):
+        kinds = "bool or floating (row weights)" if weights_allowed else "bool"
+        raise TypeError(f"`mask` must be a {kinds} tensor, got dtype {mask.dtype}.")
+    if mask.shape != like.shape[:1]:
+        raise ValueError(
+            f"`mask` must have shape (batch,) = {shape_str(like.shape[:1])}, got {shape_str(mask)}."
+        )
+    if mask.device != like.device:
+        raise ValueError(f"`mask` is on {mask.device} but the inputs are on {like.device}.")
+    return mask
 
 
-def accumulation_dtype(dtype: torch.dtype, other: torch.dtype | None = None) -> torch.dtype:
-    """The dtype results are accumulated and returned in: half precision goes up to float32."""
-    if other is not None and other != dtype:
+def check_feature_vector(name: str, x: object, like: Tensor) -> Tensor:
+    """A floating ``(feature,)`` tensor on ``like``'s device, such as a weight or a threshold."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}.")
+    if not x.is_floating_point():
+        raise TypeError(f"`{name}` must be a floating-point tensor, got dtype {x.dtype}.")
+    if x.shape != like.shape[-1:]:
+        raise ValueError(
+            f"`{name}` must have shape (feature,) = {shape_str(like.shape[-1:])}, "
+            f"got {shape_str(x)}."
+        )
+    if x.device != like.device:
+        raise ValueError(f"`{name}` is on {x.device} but the inputs are on {like.device}.")
+    return x
+
+
+def check_positive_float(name: str, value: object) -> float:
+    """A positive, finite Python number (bool excluded); returned as a float."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"`{name}` must be a positive float, got {value!r}.")
+    if not 0 < value < float("inf"):
+        raise ValueError(f"`{name}` must be a positive float, got {value!r}.")
+    return float(value)
+
+
+def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype results are accumulated and returned in: promoted, half goes up to float32."""
+    dtype = dtypes[0]
+    for other in dtypes[1:]:
         dtype = torch.promote_types(dtype, other)
     return torch.float32 if dtype in _HALF_DTYPES else dtype
-
-
-def reduce_batch(rows: Tensor, reduce: str) -> Tensor:
-    """Apply ``reduce`` over the batch axis (axis 0) of per-row values."""
-    if reduce == "mean":
-        return rows.mean(0)
-    if reduce == "sum":
-        return rows.sum(0)
-    return rows

@@ -11,7 +11,7 @@ from torch._dynamo.testing import CompileCounter
 
 import sae_losses
 from helpers import l1_reference, l2_reference, randn
-from sae_losses import _losses, l1_absolute, l2_reconstruction
+from sae_losses import _rowops, l1_absolute, l2_reconstruction
 
 # The suite runs with the jaxtyping + beartype hook on, which rejects bad shapes and dtypes
 # before the function body runs. The error-message tests call the bodies directly.
@@ -139,7 +139,7 @@ def test_half_precision_differences_are_not_rounded_to_half():
 def test_many_row_blocks_give_the_same_result(monkeypatch, reduce):
     # Force blocks of 2 rows, so the blocked loop, its last partial block and the output slices
     # are all exercised on small inputs.
-    monkeypatch.setattr(_losses, "_BLOCK_ELEMENTS", 2 * 3 * 4)
+    monkeypatch.setattr(_rowops, "BLOCK_ELEMENTS", 2 * 3 * 4)
     decoded, source = randn(9, 3, 4, seed=6), randn(9, 3, 4, seed=7)
     # float32 results: a few roundings (the blocked L2 takes a norm, then squares it).
     for requires_grad in (False, True):
