@@ -8,10 +8,14 @@ from sae_losses._fused import fused_l1_absolute, fused_l2_reconstruction
 from sae_losses._reconstruction import fraction_of_variance_unexplained, l2_reconstruction
 from sae_losses._sparsity import jumprelu_l0, l0_norm, l1_absolute, lp_sparsity
 from sae_losses._streaming import StreamingMean
+from sae_losses._streaming_fvu import StreamingFVU
+from sae_losses._version import __version__
 
 __all__ = [
     "PendingAllReduce",
+    "StreamingFVU",
     "StreamingMean",
+    "__version__",
     "all_reduce",
     "fraction_of_variance_unexplained",
     "fused_l1_absolute",

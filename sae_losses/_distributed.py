@@ -1,50 +1,73 @@
-"""all_reduce: sum every StreamingMean in a pytree across ranks with one collective.
+"""all_reduce: combine every accumulator of a pytree across ranks, checked, in one collective.
 
-All accumulators are packed into one float64 buffer (each ``total`` flattened, then its
-``count``), reduced once, and unpacked. Counts travel as float64, which is exact below 2**53 rows.
+Each rank packs its tree into one float64 buffer: a fingerprint of the tree (its key paths,
+accumulator types and shapes, and the buffer's length) and then every accumulator's state, its
+dict leaves in sorted key order so insertion order does not matter. One ``all_gather`` gives
+every rank every rank's buffer. Each rank then checks that all fingerprints equal its own, and
+merges the states in rank order with the accumulators' own ``merge``: sums for
+:class:`StreamingMean`, Chan's exact update for :class:`StreamingFVU`. Every rank computes the
+same result, bit for bit.
+
+Why a gather and not a sum: a sum of the ranks' ``(count, mean, M2)`` cannot be combined
+exactly without a reference point every rank agrees on (see ``benchmarks/README.md``), and
+metric buffers are kilobytes, so gathering ``world_size`` of them costs what a sum costs.
 """
 
+import hashlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Generic, Literal, TypeVar, overload
 
 import torch
 import torch.distributed as dist
 import torch.utils._pytree as pytree
 
-from sae_losses._streaming import StreamingMean
+from sae_losses._accumulator import Accumulator
+
+__all__ = ["PendingAllReduce", "all_reduce"]
+
+T = TypeVar("T")
+_HEADER = 2  # fingerprint, buffer length
 
 
-def _is_accumulator(x: object) -> bool:
-    return isinstance(x, StreamingMean)
+def _is_leaf(x: object) -> bool:
+    return isinstance(x, Accumulator)
 
 
-def _pack(accumulators: list[StreamingMean]) -> torch.Tensor:
-    parts = []
-    for mean in accumulators:
-        parts += [mean.total.reshape(-1), mean.count.reshape(1).to(torch.float64)]
-    return torch.cat(parts)
+def _describe_tree(paths: list[str], leaves: list[Accumulator]) -> str:
+    return "; ".join(
+        f"{path}: {type(leaf).__name__}{[tuple(v.shape) for v in leaf._values()]}"
+        for path, leaf in zip(paths, leaves, strict=True)
+    )
 
 
-def _unpack(buffer: torch.Tensor, accumulators: list[StreamingMean]) -> list[StreamingMean]:
-    reduced, offset = [], 0
-    for mean in accumulators:
-        size = mean.total.numel()
-        total = buffer[offset : offset + size].reshape(mean.total.shape)
-        count = buffer[offset + size].to(torch.int64)
-        reduced.append(StreamingMean(total=total, count=count))
-        offset += size + 1
-    return reduced
+def _fingerprint(description: str, length: int) -> float:
+    """48 bits of a stable hash: exact in float64, and equal across processes."""
+    digest = hashlib.blake2b(f"{description}|{length}".encode(), digest_size=6).digest()
+    return float(int.from_bytes(digest, "big"))
 
 
-class PendingAllReduce:
+def _mismatch_message(description: str, fingerprints: list[float]) -> str:
+    return (
+        "all_reduce: the ranks passed different trees (tree fingerprints by rank: "
+        f"{[int(f) for f in fingerprints]}). Every rank must pass a tree with the same keys, "
+        "the same accumulator types and the same shapes, in the same call. This rank passed: "
+        f"{description or 'an empty tree'}."
+    )
+
+
+class PendingAllReduce(Generic[T]):
     """The handle ``all_reduce(..., async_op=True)`` returns; ``wait()`` gives the reduced tree."""
 
-    def __init__(self, work: Any, finish: Callable[[], Any]) -> None:
+    def __init__(self, work: Any, finish: Callable[[], T]) -> None:
         self._work = work
         self._finish = finish
 
-    def wait(self) -> Any:
-        """Block until the collective is done and return the reduced tree (same on every call)."""
+    def wait(self) -> T:
+        """Block until the collective is done; check and return the reduced tree.
+
+        Raises:
+            ValueError: the ranks passed different trees.
+        """
         if self._work is not None:
             self._work.wait()
             self._work = None
@@ -53,32 +76,52 @@ class PendingAllReduce:
         return self._finish()
 
 
-def all_reduce(tree: Any, *, group: dist.ProcessGroup | None = None, async_op: bool = False) -> Any:
-    """Sum every :class:`StreamingMean` in ``tree`` over all ranks of ``group``.
+@overload
+def all_reduce(
+    tree: T, *, group: dist.ProcessGroup | None = None, async_op: Literal[False] = False
+) -> T: ...
 
-    ``tree`` is a StreamingMean or any pytree (dict, list, tuple, ...) whose leaves are all
-    StreamingMeans; the result has the same structure. Whatever the number of accumulators, this
-    issues exactly one collective. Ranks may have seen different numbers of rows, or none.
 
-    Every rank of ``group`` must call ``all_reduce`` the same number of times, with trees of the
-    same structure and shapes. A rank that skips a call (say, an evaluation loop that breaks early
-    on one rank) leaves the others waiting forever: that is the hang users report in torchmetrics.
+@overload
+def all_reduce(
+    tree: T, *, group: dist.ProcessGroup | None = None, async_op: Literal[True]
+) -> PendingAllReduce[T]: ...
 
-    When ``torch.distributed`` is unavailable or not initialised, ``tree`` is returned unchanged,
-    so the same code runs on one process. Inside ``torch.compile`` it uses functional collectives
-    and traces with ``fullgraph=True``.
+
+def all_reduce(
+    tree: T, *, group: dist.ProcessGroup | None = None, async_op: bool = False
+) -> T | PendingAllReduce[T]:
+    """Combine every accumulator in ``tree`` over all ranks of ``group``, in one collective.
+
+    ``tree`` is a :class:`StreamingMean`, a :class:`StreamingFVU`, or any pytree (dict, list,
+    tuple, ...) whose leaves are all accumulators; the result has the same structure, and holds
+    what one process would compute from every rank's rows. Ranks may have seen different
+    numbers of rows, or none.
+
+    Every rank of ``group`` must call it the same number of times, with trees of the same
+    structure and shapes. A tree fingerprint travels with the data, so a rank whose tree
+    differs gets a ``ValueError`` rather than a wrong number; dict key order does not matter. A
+    rank that skips a call leaves the others waiting until the process group's timeout: that is
+    the hang users report in torchmetrics. Checking the fingerprints reads two numbers per rank
+    back to the host: eager ``all_reduce`` is a sync point (as reading a metric is anyway).
+
+    When ``torch.distributed`` is unavailable or not initialised, ``tree`` is returned unchanged.
+    Inside ``torch.compile(fullgraph=True)`` it uses functional collectives, and a mismatch
+    raises a ``RuntimeError`` with the same message, from ``torch._assert_async``: a compiled
+    graph cannot raise a Python ``ValueError`` from a value it computed.
 
     Args:
-        tree: the accumulators to reduce.
+        tree: the accumulators to combine.
         group: the process group; the default group when None.
         async_op: return a handle whose ``wait()`` gives the reduced tree, so the caller can
-            overlap the collective with other work. Under ``torch.compile`` the collective is
-            already scheduled by the compiler, and the handle's ``wait()`` returns at once.
+            overlap the collective with other work. Under ``torch.compile`` the handle's
+            ``wait()`` returns at once.
 
     Raises:
-        TypeError: a leaf of ``tree`` is not a StreamingMean.
+        TypeError: a leaf of ``tree`` is not an accumulator.
+        ValueError: this rank is not a member of ``group``, or the ranks passed different trees.
 
-    Example (one process, so nothing to sum):
+    Example (one process, so nothing to combine):
         >>> import torch
         >>> from sae_losses import StreamingMean, all_reduce
         >>> metrics = {"l2": StreamingMean.empty().update(torch.tensor([1.0, 3.0]))}
@@ -87,28 +130,67 @@ def all_reduce(tree: Any, *, group: dist.ProcessGroup | None = None, async_op: b
         >>> all_reduce(metrics, async_op=True).wait()["l2"].count
         tensor(2)
     """
-    accumulators, spec = pytree.tree_flatten(tree, is_leaf=_is_accumulator)
-    for leaf in accumulators:
-        if not _is_accumulator(leaf):
+    with_paths, spec = pytree.tree_flatten_with_path(tree, is_leaf=_is_leaf)
+    for _, leaf in with_paths:
+        if not _is_leaf(leaf):
             raise TypeError(
-                f"all_reduce reduces StreamingMean leaves only, got a {type(leaf).__name__}."
+                "all_reduce combines StreamingMean and StreamingFVU leaves only, "
+                f"got a {type(leaf).__name__}."
             )
-
-    def finish(buffer: torch.Tensor) -> Any:
-        return pytree.tree_unflatten(_unpack(buffer, accumulators), spec)
-
-    if not accumulators or not (dist.is_available() and dist.is_initialized()):
+    if not (dist.is_available() and dist.is_initialized()):
         return PendingAllReduce(None, lambda: tree) if async_op else tree
+    if dist.get_rank(group) < 0:
+        raise ValueError(
+            "all_reduce: this rank is not a member of `group`; only the group's ranks may call "
+            "it with that group."
+        )
 
-    buffer = _pack(accumulators)
+    order = sorted(range(len(with_paths)), key=lambda i: pytree.keystr(with_paths[i][0]))
+    paths = [pytree.keystr(with_paths[i][0]) for i in order]
+    leaves: list[Accumulator] = [with_paths[i][1] for i in order]
+    description = _describe_tree(paths, leaves)
+    parts = [leaf._pack() for leaf in leaves]
+    length = _HEADER + sum(part.numel() for part in parts)
+    fingerprint = _fingerprint(description, length)
+    device = leaves[0].count.device if leaves else _group_device(group)
+    header = torch.tensor([fingerprint, length], dtype=torch.float64, device=device)
+    buffer = torch.cat([header, *parts])
+    world = dist.get_world_size(group)
+
+    def finish(gathered: torch.Tensor) -> T:
+        rows = gathered.reshape(world, length)
+        reduced, offset = [None] * len(leaves), _HEADER
+        for index, leaf, part in zip(order, leaves, parts, strict=True):
+            reduced[index] = leaf._merge_gathered(rows[:, offset : offset + part.numel()])
+            offset += part.numel()
+        return pytree.tree_unflatten(reduced, spec)
+
     if torch.compiler.is_compiling():
         import torch.distributed._functional_collectives as funcol
 
-        reduced = funcol.all_reduce(buffer, "sum", group or dist.group.WORLD)
-        result = finish(reduced)
+        gathered = funcol.all_gather_tensor(buffer, 0, group or dist.group.WORLD)
+        same = (gathered.reshape(world, length)[:, 0] == fingerprint).all()
+        torch._assert_async(same, _mismatch_message(description, []))
+        result = finish(gathered)
         return PendingAllReduce(None, lambda: result) if async_op else result
 
-    work = dist.all_reduce(buffer, group=group, async_op=async_op)
+    gathered = torch.empty(world * length, dtype=torch.float64, device=device)
+    work = dist.all_gather_into_tensor(gathered, buffer, group=group, async_op=async_op)
+
+    def check_and_finish() -> T:
+        fingerprints = gathered.reshape(world, length)[:, 0].tolist()
+        if any(f != fingerprint for f in fingerprints):
+            raise ValueError(_mismatch_message(description, fingerprints))
+        return finish(gathered)
+
     if async_op:
-        return PendingAllReduce(work, lambda: finish(buffer))
-    return finish(buffer)
+        return PendingAllReduce(work, check_and_finish)
+    return check_and_finish()
+
+
+def _group_device(group: dist.ProcessGroup | None) -> torch.device:
+    """Where an empty tree's header goes: the device the backend communicates on."""
+    backend = dist.get_backend(group)
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -52,7 +52,7 @@ def _run(eager: Callable[..., Any], function: Callable[..., Any], *args: Any, **
         try:
             key = _signature((args, kwargs))
             return _compiled(function, key)(*args, **kwargs)
-        except Exception as error:  # noqa: BLE001 (any failure to build means: run eagerly)
+        except Exception as error:
             if not _is_build_failure(error):
                 raise
             _fallback.append(f"{type(error).__name__}: {error}".splitlines()[0])

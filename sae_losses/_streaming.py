@@ -18,43 +18,34 @@ Its contracts:
 - The state is float64 (``total``) and int64 (``count``), so long float32 streams do not drift.
 - Nothing syncs with the device, and it is a pytree node, so it can be the input and output of a
   ``torch.compile(fullgraph=True)`` step.
+- A bool ``mask`` drops rows: they add nothing to ``total`` or ``count``, even when they are NaN.
+- It is unhashable (equal by value, with mutable tensor fields), and every way to build one
+  (constructor, ``from_state_dict``, unpickling) rejects a negative ``count``.
 """
 
 import dataclasses
 
 import torch
-import torch.utils._pytree as pytree
-from jaxtyping import Float64, Int64, Real
+from jaxtyping import Bool, Float64, Int64, Real
 from torch import Tensor
 
-from sae_losses._checks import shape_str
+from sae_losses._accumulator import Accumulator, check_state_tensor, register_accumulator
+from sae_losses._checks import check_mask, describe, shape_str
+
+__all__ = ["StreamingMean"]
 
 
-def _check_state(total: object, count: object) -> None:
-    if not isinstance(total, Tensor) or total.dtype != torch.float64:
-        raise TypeError(f"`total` must be a float64 tensor, got {_describe(total)}.")
-    if not isinstance(count, Tensor) or count.dtype != torch.int64 or count.ndim != 0:
-        raise TypeError(f"`count` must be a 0-d int64 tensor, got {_describe(count)}.")
-    if total.device != count.device:
-        raise ValueError(
-            f"`total` and `count` must be on one device, got {total.device} and {count.device}."
-        )
-
-
-def _describe(x: object) -> str:
-    if isinstance(x, Tensor):
-        return f"a {x.dtype} tensor of shape {shape_str(x)}"
-    return type(x).__name__
-
-
-@dataclasses.dataclass(frozen=True)
-class StreamingMean:
+@register_accumulator
+@dataclasses.dataclass(frozen=True, eq=False)
+class StreamingMean(Accumulator):
     r"""The running mean of per-row values, as a sum and a row count.
 
     .. math::
 
         \text{compute}() = \frac{\text{total}}{\text{count}}
-        = \frac{\sum_{\text{updates}} \sum_b v_{b,c}}{\sum_{\text{updates}} B}
+        = \frac{\sum_{\text{updates}} \sum_b m_b v_{b,c}}{\sum_{\text{updates}} \sum_b m_b}
+
+    with :math:`m_b` the bool mask of each update (all ones without one).
 
     Fields:
         total: ``(*component)`` float64, the sum of every row seen.
@@ -74,49 +65,59 @@ class StreamingMean:
     total: Float64[Tensor, "*component"]
     count: Int64[Tensor, ""]
 
-    def __post_init__(self) -> None:
-        _check_state(self.total, self.count)
-
-    def __eq__(self, other: object) -> bool:
-        """Equal state, compared on the host: for tests and checks, not for hot loops."""
-        if not isinstance(other, StreamingMean):
-            return NotImplemented
-        return bool(torch.equal(self.total, other.total) and torch.equal(self.count, other.count))
-
-    __hash__ = None  # equality is by value and the fields are mutable tensors
+    def _check_metadata(self) -> None:
+        check_state_tensor("total", self.total, torch.float64, None)
+        check_state_tensor("count", self.count, torch.int64, 0)
+        if self.total.device != self.count.device:
+            raise ValueError(
+                "`total` and `count` must be on one device, "
+                f"got {self.total.device} and {self.count.device}."
+            )
 
     @classmethod
     def empty(
         cls, shape: tuple[int, ...] = (), *, device: torch.device | str | None = None
     ) -> "StreamingMean":
         """An accumulator that has seen no rows: ``total`` zeros of ``shape``, ``count`` 0."""
-        return cls(
-            total=torch.zeros(shape, dtype=torch.float64, device=device),
-            count=torch.zeros((), dtype=torch.int64, device=device),
+        return cls._trusted(
+            torch.zeros(shape, dtype=torch.float64, device=device),
+            torch.zeros((), dtype=torch.int64, device=device),
         )
 
-    def update(self, values: Real[Tensor, " batch *component"]) -> "StreamingMean":
+    def update(
+        self,
+        values: Real[Tensor, " batch *component"],
+        *,
+        mask: Bool[Tensor, " batch"] | None = None,
+    ) -> "StreamingMean":
         """Add a batch of per-row values shaped ``(batch, *component)``; return a new accumulator.
 
         The sum over the batch axis is taken in float64, and ``values`` is detached, so the
-        accumulator never holds an autograd graph.
+        accumulator never holds an autograd graph. With a bool ``mask``, only the rows it keeps
+        are added, and ``count`` grows by their number; dropped rows may hold NaN.
 
         Raises:
-            TypeError: ``values`` is not a real (non-complex) tensor.
-            ValueError: ``values`` has no batch axis, or its trailing shape is not ``total``'s.
+            TypeError: ``values`` is not a real (non-complex) tensor, or ``mask`` is not bool
+                (a floating mask is rejected: counts are counts).
+            ValueError: ``values`` has no batch axis, its trailing shape is not ``total``'s, or
+                ``mask`` is not ``(batch,)`` on ``values``' device.
         """
         if not isinstance(values, Tensor) or values.is_complex():
-            raise TypeError(f"`values` must be a real tensor, got {_describe(values)}.")
+            raise TypeError(f"`values` must be a real tensor, got {describe(values)}.")
         if values.ndim == 0 or values.shape[1:] != self.total.shape:
             raise ValueError(
-                f"`values` must have shape (batch, *{tuple(self.total.shape)}), "
+                f"`values` must have shape (batch, *{shape_str(self.total)}), "
                 f"got {shape_str(values)}."
             )
+        mask = check_mask(mask, values, weights_allowed=False)
         values = values.detach()
-        return StreamingMean(
-            total=self.total + values.sum(0, dtype=torch.float64),
-            count=self.count + values.shape[0],
-        )
+        if mask is None:
+            return self._trusted(
+                self.total + values.sum(0, dtype=torch.float64), self.count + values.shape[0]
+            )
+        keep = mask.detach().reshape(mask.shape + (1,) * (values.ndim - 1))
+        kept = torch.where(keep, values, 0).sum(0, dtype=torch.float64)
+        return self._trusted(self.total + kept, self.count + mask.sum())
 
     def merge(self, other: "StreamingMean") -> "StreamingMean":
         """Combine two accumulators, e.g. from two shards of the data; return a new one.
@@ -132,34 +133,8 @@ class StreamingMean:
                 "cannot merge accumulators of different shapes, "
                 f"got {shape_str(self.total)} and {shape_str(other.total)}."
             )
-        return StreamingMean(total=self.total + other.total, count=self.count + other.count)
+        return self._trusted(self.total + other.total, self.count + other.count)
 
     def compute(self) -> Float64[Tensor, "*component"]:
         """``total / count`` in float64; NaN when no rows were seen (no exception, no sync)."""
         return self.total / self.count
-
-    def state_dict(self) -> dict[str, Tensor]:
-        """The state as plain tensors, loadable with ``torch.load(weights_only=True)``."""
-        return {"total": self.total, "count": self.count}
-
-    @classmethod
-    def from_state_dict(cls, state: dict[str, Tensor]) -> "StreamingMean":
-        """Rebuild an accumulator from :meth:`state_dict`'s output.
-
-        Raises:
-            ValueError: the keys are not exactly ``total`` and ``count``.
-            TypeError: a value has the wrong type or dtype.
-        """
-        if set(state) != {"total", "count"}:
-            raise ValueError(
-                f"a StreamingMean state has the keys 'count' and 'total', got {sorted(state)}."
-            )
-        return cls(total=state["total"], count=state["count"])
-
-
-pytree.register_pytree_node(
-    StreamingMean,
-    lambda mean: ([mean.total, mean.count], None),
-    lambda children, _: StreamingMean(*children),
-    serialized_type_name="sae_losses.StreamingMean",
-)

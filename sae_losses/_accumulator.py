@@ -1,0 +1,142 @@
+"""What every immutable accumulator shares: construction checks, equality, checkpoints, pytrees.
+
+An accumulator is a frozen dataclass of tensor fields (float64 statistics and an int64 ``count``)
+with ``merge`` as its combining law. This base gives it:
+
+- checks on every path that builds one: the dataclass constructor, :meth:`from_state_dict` and
+  unpickling check dtypes, shapes and devices, and that ``count`` is not negative (a read of one
+  number). ``update`` and ``merge`` build their results with :meth:`_trusted`, which checks no
+  values, so they never sync with the device. So does the pytree path that ``torch.compile`` and
+  :func:`all_reduce` use: it checks metadata only;
+- equality by value (on the host; for tests and checks) and no hash, since the fields are
+  mutable tensors;
+- ``state_dict`` / ``from_state_dict`` for checkpoints that load with ``weights_only=True``;
+- packing into one flat float64 buffer, and rebuilding from the buffers every rank gathered, for
+  :func:`all_reduce`.
+"""
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor
+
+from sae_losses._checks import describe
+
+__all__ = ["Accumulator", "check_state_tensor", "register_accumulator"]
+
+A = TypeVar("A", bound="Accumulator")
+
+
+class Accumulator:
+    """Base of the frozen-dataclass accumulators; subclasses define fields and ``merge``."""
+
+    count: Tensor
+
+    def _check_metadata(self) -> None:
+        raise NotImplementedError
+
+    def merge(self: A, other: A) -> A:
+        raise NotImplementedError
+
+    def __post_init__(self) -> None:
+        self._check_metadata()
+        if not torch.compiler.is_compiling() and bool(self.count < 0):
+            raise ValueError(f"`count` must not be negative, got {int(self.count)}.")
+
+    @classmethod
+    def _trusted(cls: type[A], *values: Tensor) -> A:
+        """Build from values this library computed: metadata checks only, no device sync."""
+        self = object.__new__(cls)
+        for field, value in zip(_fields(cls), values, strict=True):
+            object.__setattr__(self, field, value)
+        self._check_metadata()
+        return self
+
+    def _values(self) -> tuple[Tensor, ...]:
+        return tuple(getattr(self, name) for name in _fields(type(self)))
+
+    def __eq__(self, other: object) -> bool:
+        """Equal state, compared on the host: for tests and checks, not for hot loops."""
+        if type(other) is not type(self):
+            return NotImplemented
+        assert isinstance(other, Accumulator)
+        return all(
+            a.shape == b.shape and bool(torch.equal(a, b))
+            for a, b in zip(self._values(), other._values(), strict=True)
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # equal by value, and the fields are mutable
+
+    def __reduce__(self) -> tuple[Callable[..., Any], tuple[Tensor, ...]]:
+        # Unpickling and copying go through the constructor, so they are checked too.
+        return (type(self), self._values())
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The state as plain tensors, loadable with ``torch.load(weights_only=True)``."""
+        return dict(zip(_fields(type(self)), self._values(), strict=True))
+
+    @classmethod
+    def from_state_dict(cls: type[A], state: dict[str, Tensor]) -> A:
+        """Rebuild an accumulator from :meth:`state_dict`'s output, with every check.
+
+        Raises:
+            ValueError: the keys are not the fields, or ``count`` is negative.
+            TypeError: a value has the wrong type or dtype.
+        """
+        names = _fields(cls)
+        if set(state) != set(names):
+            *rest, last = map(repr, sorted(names))
+            raise ValueError(
+                f"a {cls.__name__} state has the keys {', '.join(rest)} and {last}, "
+                f"got {sorted(state)}."
+            )
+        return cls(**state)
+
+    def _pack(self) -> Tensor:
+        """Every field, flattened into one float64 buffer (counts are exact below 2**53)."""
+        return torch.cat([v.reshape(-1).to(torch.float64) for v in self._values()])
+
+    def _unpack(self: A, buffer: Tensor) -> A:
+        values, offset = [], 0
+        for value in self._values():
+            part = buffer[offset : offset + value.numel()].reshape(value.shape)
+            values.append(part.round().to(value.dtype) if value.dtype == torch.int64 else part)
+            offset += value.numel()
+        return self._trusted(*values)
+
+    def _merge_gathered(self: A, rows: Tensor) -> A:
+        """Merge every rank's packed state in rank order: the same result on every rank."""
+        states = [self._unpack(row) for row in rows.unbind(0)]
+        return functools.reduce(lambda a, b: a.merge(b), states)
+
+
+@functools.cache
+def _fields(cls: type) -> tuple[str, ...]:
+    return tuple(field.name for field in dataclasses.fields(cls))
+
+
+def check_state_tensor(name: str, value: object, dtype: torch.dtype, ndim: int | None) -> Tensor:
+    if (
+        not isinstance(value, Tensor)
+        or value.dtype != dtype
+        or (ndim is not None and value.ndim != ndim)
+    ):
+        rank = "" if ndim is None else f"{ndim}-d "
+        raise TypeError(f"`{name}` must be a {rank}{str(dtype)[6:]} tensor, got {describe(value)}.")
+    return value
+
+
+def register_accumulator(cls: type[A]) -> type[A]:
+    """Make ``cls`` unhashable (the dataclass decorator replaces ``__hash__``) and a pytree."""
+    cls.__hash__ = None  # type: ignore[assignment]
+    pytree.register_pytree_node(
+        cls,
+        lambda acc: (list(acc._values()), None),
+        lambda children, _: cls._trusted(*children),
+        serialized_type_name=f"sae_losses.{cls.__name__}",
+    )
+    return cls
