@@ -114,9 +114,9 @@ class Accumulator:
         return functools.reduce(lambda a, b: a.merge(b), states)
 
 
-@functools.cache
 def _fields(cls: type) -> tuple[str, ...]:
-    return tuple(field.name for field in dataclasses.fields(cls))
+    names: tuple[str, ...] = cls._field_names  # type: ignore[attr-defined]
+    return names
 
 
 def check_state_tensor(name: str, value: object, dtype: torch.dtype, ndim: int | None) -> Tensor:
@@ -133,6 +133,8 @@ def check_state_tensor(name: str, value: object, dtype: torch.dtype, ndim: int |
 def register_accumulator(cls: type[A]) -> type[A]:
     """Make ``cls`` unhashable (the dataclass decorator replaces ``__hash__``) and a pytree."""
     cls.__hash__ = None  # type: ignore[assignment]
+    # Read by the traced methods: dynamo cannot trace dataclasses.fields on a class.
+    cls._field_names = tuple(field.name for field in dataclasses.fields(cls))  # type: ignore[attr-defined]
     pytree.register_pytree_node(
         cls,
         lambda acc: (list(acc._values()), None),

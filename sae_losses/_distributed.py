@@ -40,6 +40,7 @@ def _describe_tree(paths: list[str], leaves: list[Accumulator]) -> str:
     )
 
 
+@torch._dynamo.assume_constant_result  # hashlib cannot be traced; the result is a constant
 def _fingerprint(description: str, length: int) -> float:
     """48 bits of a stable hash: exact in float64, and equal across processes."""
     digest = hashlib.blake2b(f"{description}|{length}".encode(), digest_size=6).digest()
