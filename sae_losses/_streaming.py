@@ -26,7 +26,7 @@ Its contracts:
 import dataclasses
 
 import torch
-from jaxtyping import Bool, Float64, Int64, Real
+from jaxtyping import Bool, Float64, Int64, Shaped
 from torch import Tensor
 
 from sae_losses._accumulator import Accumulator, check_state_tensor, register_accumulator
@@ -86,7 +86,7 @@ class StreamingMean(Accumulator):
 
     def update(
         self,
-        values: Real[Tensor, " batch *component"],
+        values: Shaped[Tensor, " batch *component"],
         *,
         mask: Bool[Tensor, " batch"] | None = None,
     ) -> "StreamingMean":
