@@ -18,7 +18,7 @@ with ``merge`` as its combining law. This base gives it:
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.utils._pytree as pytree
@@ -35,6 +35,7 @@ class Accumulator:
     """Base of the frozen-dataclass accumulators; subclasses define fields and ``merge``."""
 
     count: Tensor
+    _field_names: ClassVar[tuple[str, ...]]
 
     def _check_metadata(self) -> None:
         raise NotImplementedError
@@ -114,9 +115,8 @@ class Accumulator:
         return functools.reduce(lambda a, b: a.merge(b), states)
 
 
-def _fields(cls: type) -> tuple[str, ...]:
-    names: tuple[str, ...] = cls._field_names  # type: ignore[attr-defined]
-    return names
+def _fields(cls: type[Accumulator]) -> tuple[str, ...]:
+    return cls._field_names
 
 
 def check_state_tensor(name: str, value: object, dtype: torch.dtype, ndim: int | None) -> Tensor:
@@ -134,7 +134,7 @@ def register_accumulator(cls: type[A]) -> type[A]:
     """Make ``cls`` unhashable (the dataclass decorator replaces ``__hash__``) and a pytree."""
     cls.__hash__ = None  # type: ignore[assignment]
     # Read by the traced methods: dynamo cannot trace dataclasses.fields on a class.
-    cls._field_names = tuple(field.name for field in dataclasses.fields(cls))  # type: ignore[attr-defined]
+    cls._field_names = tuple(field.name for field in dataclasses.fields(cls))  # type: ignore[arg-type]
     pytree.register_pytree_node(
         cls,
         lambda acc: (list(acc._values()), None),

@@ -15,7 +15,7 @@ metric buffers are kilobytes, so gathering ``world_size`` of them costs what a s
 
 import hashlib
 from collections.abc import Callable
-from typing import Any, Generic, Literal, TypeVar, overload
+from typing import Any, Generic, Literal, TypeVar, cast, overload
 
 import torch
 import torch.distributed as dist
@@ -40,11 +40,16 @@ def _describe_tree(paths: list[str], leaves: list[Accumulator]) -> str:
     )
 
 
-@torch._dynamo.assume_constant_result  # hashlib cannot be traced; the result is a constant
-def _fingerprint(description: str, length: int) -> float:
+def _stable_hash(description: str, length: int) -> float:
     """48 bits of a stable hash: exact in float64, and equal across processes."""
     digest = hashlib.blake2b(f"{description}|{length}".encode(), digest_size=6).digest()
     return float(int.from_bytes(digest, "big"))
+
+
+# hashlib cannot be traced, and the fingerprint is a constant of the tree anyway.
+_fingerprint: Callable[[str, int], float] = torch._dynamo.assume_constant_result(  # type: ignore[no-untyped-call]
+    _stable_hash
+)
 
 
 def _mismatch_message(description: str, fingerprints: list[float]) -> str:
@@ -160,16 +165,18 @@ def all_reduce(
 
     def finish(gathered: torch.Tensor) -> T:
         rows = gathered.reshape(world, length)
-        reduced, offset = [None] * len(leaves), _HEADER
+        reduced: list[Accumulator | None] = [None] * len(leaves)
+        offset = _HEADER
         for index, leaf, part in zip(order, leaves, parts, strict=True):
             reduced[index] = leaf._merge_gathered(rows[:, offset : offset + part.numel()])
             offset += part.numel()
-        return pytree.tree_unflatten(reduced, spec)
+        result: T = pytree.tree_unflatten(reduced, spec)
+        return result
 
     if torch.compiler.is_compiling():
         import torch.distributed._functional_collectives as funcol
 
-        gathered = funcol.all_gather_tensor(buffer, 0, group or dist.group.WORLD)
+        gathered = funcol.all_gather_tensor(buffer, 0, group or cast(Any, dist.group.WORLD))
         same = (gathered.reshape(world, length)[:, 0] == fingerprint).all()
         torch._assert_async(same, _mismatch_message(description, []))
         result = finish(gathered)

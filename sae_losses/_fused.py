@@ -22,7 +22,7 @@ from torch import Tensor
 
 from sae_losses._checks import Reduce
 from sae_losses._reconstruction import l2_loss
-from sae_losses._rowops import EAGER, Kernels, RowOp
+from sae_losses._rowops import EAGER, Grads, Kernels, Params, RowOp, Tensors
 from sae_losses._sparsity import l1_loss
 
 __all__ = ["fused_l1_absolute", "fused_l2_reconstruction"]
@@ -66,28 +66,53 @@ def _run(eager: Callable[..., Any], function: Callable[..., Any], *args: Any, **
 
 
 def _is_build_failure(error: Exception) -> bool:
+    """Inductor could not build a kernel: no C++ compiler, no Triton, a broken toolchain."""
     from torch._dynamo.exc import BackendCompilerFailed
 
+    failures: tuple[type[Exception], ...] = (BackendCompilerFailed, OSError)
     try:
         from torch._inductor.exc import InductorError
-    except ImportError:  # older torch
-        InductorError = BackendCompilerFailed  # noqa: N806
-    return isinstance(error, BackendCompilerFailed | InductorError | OSError)
+
+        failures += (InductorError,)
+    except ImportError:  # older torch raises BackendCompilerFailed
+        pass
+    return isinstance(error, failures)
 
 
-def _fused_rows(op: RowOp, batched, params, dtype, options):
-    return _run(EAGER.rows, _formula_rows, op, batched, params, dtype, options)
+def _fused_rows(
+    op: RowOp, batched: Tensors, params: Params, dtype: torch.dtype, options: dict[str, Any]
+) -> Tensor:
+    rows: Tensor = _run(EAGER.rows, _formula_rows, op, batched, params, dtype, options)
+    return rows
 
 
-def _formula_rows(op, batched, params, dtype, options):
+def _formula_rows(
+    op: RowOp, batched: Tensors, params: Params, dtype: torch.dtype, options: dict[str, Any]
+) -> Tensor:
     return op.formula(*batched, *params, dtype=dtype, **options)
 
 
-def _fused_grads(op: RowOp, tensors, grad_rows, dtype, needs, options):
-    return _run(EAGER.grads, _op_grads, op, tensors, grad_rows, dtype, needs, options)
+def _fused_grads(
+    op: RowOp,
+    tensors: Params,
+    grad_rows: Tensor,
+    dtype: torch.dtype,
+    needs: tuple[bool, ...],
+    options: dict[str, Any],
+) -> Grads:
+    grads: Grads = _run(EAGER.grads, _op_grads, op, tensors, grad_rows, dtype, needs, options)
+    return grads
 
 
-def _op_grads(op, tensors, grad_rows, dtype, needs, options):
+def _op_grads(
+    op: RowOp,
+    tensors: Params,
+    grad_rows: Tensor,
+    dtype: torch.dtype,
+    needs: tuple[bool, ...],
+    options: dict[str, Any],
+) -> Grads:
+    assert op.grads is not None  # only ops with hand-written gradients have fused variants
     return op.grads(tensors, grad_rows, dtype, needs, **options)
 
 

@@ -17,7 +17,7 @@ from sae_losses._checks import (
     check_reduce,
     check_same_shape,
 )
-from sae_losses._rowops import EAGER, Kernels, RowOp, reduce_rows, row_values
+from sae_losses._rowops import EAGER, Grads, Kernels, Params, RowOp, reduce_rows, row_values
 
 __all__ = ["L2", "fraction_of_variance_unexplained", "l2_loss", "l2_reconstruction"]
 
@@ -42,9 +42,13 @@ def _l2_kernel(decoded: Tensor, source: Tensor, *, dtype: torch.dtype) -> Tensor
     return _difference(decoded, source, dtype).square_().mean(-1)
 
 
-def _l2_grads(tensors, grad_rows, dtype, needs):
+def _l2_grads(
+    tensors: Params, grad_rows: Tensor, dtype: torch.dtype, needs: tuple[bool, ...]
+) -> Grads:
     """d/d(decoded) = 2 (decoded - source) / F times the upstream, in the accumulation dtype."""
     decoded, source = tensors
+    assert decoded is not None
+    assert source is not None
     scale = grad_rows.unsqueeze(-1) * (2.0 / decoded.shape[-1])
     grad = _difference(decoded, source, dtype).mul_(scale)
     return (

@@ -27,10 +27,25 @@ from torch import Tensor
 
 from sae_losses._checks import Reduce
 
-__all__ = ["EAGER", "Kernels", "RowOp", "reduce_rows", "row_values", "uses_plain_formula"]
+__all__ = [
+    "EAGER",
+    "Grads",
+    "Kernels",
+    "Params",
+    "RowOp",
+    "Tensors",
+    "reduce_rows",
+    "row_values",
+    "uses_plain_formula",
+]
 
 # Elements per block of rows: 2 MiB of float32, which 2 threads split into one 1 MiB L2 cache each.
 BLOCK_ELEMENTS = 1 << 19
+
+
+Tensors = tuple[Tensor, ...]
+Params = tuple[Tensor | None, ...]
+Grads = tuple[Tensor | None, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +63,7 @@ class RowOp:
     name: str
     formula: Callable[..., Tensor]
     kernel: Callable[..., Tensor] | None = None
-    grads: Callable[..., tuple[Tensor | None, ...]] | None = None
+    grads: Callable[..., Grads] | None = None
     differentiable: bool = True
 
 
@@ -56,7 +71,9 @@ def _rows_per_block(x: Tensor) -> int:
     return max(1, BLOCK_ELEMENTS // math.prod(x.shape[1:]))
 
 
-def blocked_rows(op: RowOp, batched: tuple, params: tuple, dtype, options) -> Tensor:
+def blocked_rows(
+    op: RowOp, batched: Tensors, params: Params, dtype: torch.dtype, options: dict[str, Any]
+) -> Tensor:
     """The eager per-row values, in cache-sized blocks of rows."""
     kernel = op.kernel or op.formula
     first = batched[0]
@@ -70,7 +87,14 @@ def blocked_rows(op: RowOp, batched: tuple, params: tuple, dtype, options) -> Te
     return rows
 
 
-def formula_grads(op: RowOp, tensors: tuple, grad_rows: Tensor, dtype, needs, options) -> tuple:
+def formula_grads(
+    op: RowOp,
+    tensors: Params,
+    grad_rows: Tensor,
+    dtype: torch.dtype,
+    needs: tuple[bool, ...],
+    options: dict[str, Any],
+) -> Grads:
     """Gradients by re-running the formula in backward: only the inputs were saved."""
     create_graph = torch.is_grad_enabled()  # a double backward is under way
     with torch.enable_grad():
@@ -78,7 +102,7 @@ def formula_grads(op: RowOp, tensors: tuple, grad_rows: Tensor, dtype, needs, op
             t if create_graph or t is None else t.detach().requires_grad_(need)
             for t, need in zip(tensors, needs, strict=True)
         )
-        wanted = [t for t, need in zip(inputs, needs, strict=True) if need]
+        wanted = [t for t, need in zip(inputs, needs, strict=True) if need and t is not None]
         rows = op.formula(*inputs, dtype=dtype, **options)
         found = torch.autograd.grad(
             rows, wanted, grad_rows, create_graph=create_graph, allow_unused=True
@@ -87,7 +111,14 @@ def formula_grads(op: RowOp, tensors: tuple, grad_rows: Tensor, dtype, needs, op
     return tuple(next(found_iter) if need else None for need in needs)
 
 
-def eager_grads(op: RowOp, tensors: tuple, grad_rows: Tensor, dtype, needs, options) -> tuple:
+def eager_grads(
+    op: RowOp,
+    tensors: Params,
+    grad_rows: Tensor,
+    dtype: torch.dtype,
+    needs: tuple[bool, ...],
+    options: dict[str, Any],
+) -> Grads:
     if op.grads is not None:
         return op.grads(tensors, grad_rows, dtype, needs, **options)
     return formula_grads(op, tensors, grad_rows, dtype, needs, options)
@@ -98,7 +129,7 @@ class Kernels:
     """How the eager path computes values and gradients: blocked eager ops, or compiled ones."""
 
     rows: Callable[..., Tensor]
-    grads: Callable[..., tuple]
+    grads: Callable[..., Grads]
 
 
 EAGER = Kernels(rows=blocked_rows, grads=eager_grads)
@@ -108,7 +139,7 @@ def _row_view(keep: Tensor, like: Tensor) -> Tensor:
     return keep.reshape(keep.shape + (1,) * (like.ndim - 1))
 
 
-def _zero_masked_rows(keep: Tensor | None, batched: tuple) -> tuple:
+def _zero_masked_rows(keep: Tensor | None, batched: Tensors) -> Tensors:
     if keep is None:
         return batched
     return tuple(torch.where(_row_view(keep, t), t, 0) for t in batched)
@@ -118,11 +149,19 @@ class _RowValues(torch.autograd.Function):
     """Per-row values that save only the inputs (and the mask) for backward."""
 
     @staticmethod
-    def forward(kernels, op, dtype, options, keep, n_batched, *tensors):
+    def forward(
+        kernels: Kernels,
+        op: RowOp,
+        dtype: torch.dtype,
+        options: dict[str, Any],
+        keep: Tensor | None,
+        n_batched: int,
+        *tensors: Tensor | None,
+    ) -> Tensor:
         return kernels.rows(op, tensors[:n_batched], tensors[n_batched:], dtype, options)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         kernels, op, dtype, options, keep, n_batched, *tensors = inputs
         ctx.save_for_backward(keep, *tensors)
         ctx.kernels, ctx.op, ctx.dtype, ctx.options, ctx.n_batched = (
@@ -134,7 +173,7 @@ class _RowValues(torch.autograd.Function):
         )
 
     @staticmethod
-    def backward(ctx, grad_rows):
+    def backward(ctx: Any, grad_rows: Tensor) -> tuple[Tensor | None, ...]:
         keep, *tensors = ctx.saved_tensors
         n = ctx.n_batched
         batched = _zero_masked_rows(keep, tuple(tensors[:n]))
@@ -181,7 +220,10 @@ def row_values(
         and torch.is_grad_enabled()
         and any(t is not None and t.requires_grad for t in tensors)
     ):
-        return _RowValues.apply(kernels, op, dtype, options, keep, len(batched), *tensors)
+        rows: Tensor = _RowValues.apply(  # type: ignore[no-untyped-call]
+            kernels, op, dtype, options, keep, len(batched), *tensors
+        )
+        return rows
     return kernels.rows(op, batched, params, dtype, options)
 
 

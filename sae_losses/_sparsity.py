@@ -4,6 +4,8 @@ Each is a formula, a kernel where the formula is slow, and a docstring; the shar
 mechanism of :mod:`sae_losses._rowops` does the rest (blocks, autograd, mask, reduce).
 """
 
+from typing import Any
+
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
@@ -17,7 +19,7 @@ from sae_losses._checks import (
     check_positive_float,
     check_reduce,
 )
-from sae_losses._rowops import EAGER, Kernels, RowOp, reduce_rows, row_values
+from sae_losses._rowops import EAGER, Grads, Kernels, Params, RowOp, reduce_rows, row_values
 
 __all__ = ["L1", "jumprelu_l0", "l0_norm", "l1_absolute", "l1_loss", "lp_sparsity"]
 
@@ -39,9 +41,12 @@ def _l1_kernel(learned: Tensor, weight: Tensor | None, *, dtype: torch.dtype) ->
     return _absolute(learned, dtype).mul_(weight).sum(-1)
 
 
-def _l1_grads(tensors, grad_rows, dtype, needs):
+def _l1_grads(
+    tensors: Params, grad_rows: Tensor, dtype: torch.dtype, needs: tuple[bool, ...]
+) -> Grads:
     """d/dz = sign(z) w g (0 at z = 0); d/dw = sum over rows of g |z|."""
     learned, weight = tensors
+    assert learned is not None
     grad_learned = grad_weight = None
     if needs[0]:
         grad = torch.sign(learned).to(dtype).mul_(grad_rows.unsqueeze(-1))
@@ -86,17 +91,17 @@ class _HeavisideStep(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(pre, threshold, dtype, bandwidth):
+    def forward(pre: Tensor, threshold: Tensor, dtype: torch.dtype, bandwidth: float) -> Tensor:
         return (pre > threshold).to(dtype)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         pre, threshold, dtype, bandwidth = inputs
         ctx.save_for_backward(pre, threshold)
         ctx.dtype, ctx.bandwidth = dtype, bandwidth
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor, None, None]:
         pre, threshold = ctx.saved_tensors
         near = (pre.to(ctx.dtype) - threshold.to(ctx.dtype)).abs() < ctx.bandwidth / 2
         grad_threshold = torch.where(near, grad, 0).sum_to_size(threshold.shape)
@@ -106,7 +111,10 @@ class _HeavisideStep(torch.autograd.Function):
 def _jumprelu_formula(
     pre: Tensor, threshold: Tensor, *, dtype: torch.dtype, bandwidth: float
 ) -> Tensor:
-    return _HeavisideStep.apply(pre, threshold, dtype, bandwidth).sum(-1)
+    steps: Tensor = _HeavisideStep.apply(  # type: ignore[no-untyped-call]
+        pre, threshold, dtype, bandwidth
+    )
+    return steps.sum(-1)
 
 
 def _jumprelu_kernel(
