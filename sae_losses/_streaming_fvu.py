@@ -31,7 +31,7 @@ __all__ = ["StreamingFVU"]
 
 def _batch_state(decoded: Tensor, source: Tensor, keep: Tensor | None) -> tuple[Tensor, ...]:
     """``(count, mean, m2, error)`` of one block of rows, in float64 about its own mean."""
-    x = source.to(torch.float64)
+    x = source.to(torch.float64, copy=True)  # modified in place below
     error = (decoded.to(torch.float64) - x).square_()
     if keep is None:
         count = torch.full((), x.shape[0], dtype=torch.int64, device=x.device)

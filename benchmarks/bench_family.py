@@ -1,0 +1,166 @@
+"""Benchmarks of the training-loss family: masks, weighted L1, L0, JumpReLU L0, a size sweep.
+
+    python benchmarks/bench_family.py            # the full tables (a few minutes on 2 CPU cores)
+    python benchmarks/bench_family.py --quick    # tiny sizes, to check that it runs (CI)
+
+Ratios are measured side by side in one process, as in bench.py (see _timing.py).
+"""
+
+import argparse
+import random
+
+import torch
+import torch.nn.functional as F  # noqa: N812 (the usual torch alias)
+from _timing import Timer, table
+
+from sae_losses import (
+    fused_l1_absolute,
+    fused_l2_reconstruction,
+    jumprelu_l0,
+    l0_norm,
+    l1_absolute,
+    l2_reconstruction,
+)
+
+
+def seed_l2(decoded, source):
+    return (decoded - source).pow(2).mean(-1).mean(0)
+
+
+def seed_l1(learned):
+    return learned.abs().sum(-1).mean(0)
+
+
+def mse_loss_l2(decoded, source):
+    return F.mse_loss(decoded, source, reduction="none").mean(-1).mean(0)
+
+
+def masked(timer: Timer, shape: tuple[int, int], device: torch.device) -> list[str]:
+    decoded, source = torch.randn(shape, device=device), torch.randn(shape, device=device)
+    mask = torch.rand(shape[0], device=device) > 0.1
+    weights = torch.rand(shape[0], device=device)
+    results = timer.medians(
+        {
+            "l2_reconstruction": lambda: l2_reconstruction(decoded, source),
+            "l2_reconstruction, bool mask": lambda: l2_reconstruction(decoded, source, mask=mask),
+            "l2_reconstruction, row weights": lambda: l2_reconstruction(
+                decoded, source, mask=weights
+            ),
+            "l1_absolute": lambda: l1_absolute(decoded),
+            "l1_absolute, bool mask": lambda: l1_absolute(decoded, mask=mask),
+        }
+    )
+    lines = table(f"Masked calls on {shape}, eager forward", results, None, None)
+    lines.append("")
+    for op in ("l2_reconstruction", "l1_absolute"):
+        ratio = results[f"{op}, bool mask"] / results[op]
+        lines.append(f"- {op}: masked / unmasked = {ratio:.2f}x (goal <= 1.1)")
+    return lines
+
+
+def sparsity_terms(timer: Timer, shape: tuple[int, int], device: torch.device) -> list[str]:
+    learned = torch.randn(shape, device=device)
+    weight = torch.rand(shape[1], device=device)
+    threshold = torch.rand(shape[1], device=device)
+    floor = "read floor: z.sum()"
+    results = timer.medians(
+        {
+            floor: lambda: learned.sum(),
+            "l1_absolute": lambda: l1_absolute(learned),
+            "l1_absolute(weight=)": lambda: l1_absolute(learned, weight=weight),
+            "naive weighted L1 (z.abs() * w).sum(-1)": lambda: (
+                (learned.abs() * weight).sum(-1).mean(0)
+            ),
+            "l0_norm": lambda: l0_norm(learned),
+            "naive L0 (z != 0).sum(-1)": lambda: (learned != 0).float().sum(-1).mean(0),
+            "jumprelu_l0": lambda: jumprelu_l0(learned, threshold, bandwidth=1e-3),
+        }
+    )
+    return table(f"Sparsity terms on {shape}, eager forward", results, floor, None)
+
+
+def sweep(rounds: int, sizes: list[tuple[int, int]], device: torch.device) -> list[str]:
+    naive_l2 = torch.compile(seed_l2, fullgraph=True, dynamic=False)
+    naive_l1 = torch.compile(seed_l1, fullgraph=True, dynamic=False)
+    header = (
+        "| size | read floor | F.mse_loss | seed | inductor | eager | fused | eager / mse_loss |"
+    )
+    lines = ["\n### Size sweep, L2 forward (ratios to the read floor)", "", header]
+    lines.append("|---|---|---|---|---|---|---|---|")
+    l1_lines = ["\n### Size sweep, L1 forward (ratios to the read floor)", ""]
+    l1_lines += [
+        "| size | read floor | seed | inductor | eager | fused |",
+        "|---|---|---|---|---|---|",
+    ]
+    for shape in sizes:
+        elements = shape[0] * shape[1]
+        timer = Timer(device, rounds, block=max(1, min(50, 2**22 // elements)))
+        d, s = torch.randn(shape, device=device), torch.randn(shape, device=device)
+        r = timer.medians(
+            {
+                "floor": lambda d=d, s=s: (d.sum(), s.sum()),
+                "mse": lambda d=d, s=s: mse_loss_l2(d, s),
+                "seed": lambda d=d, s=s: seed_l2(d, s),
+                "inductor": lambda d=d, s=s: naive_l2(d, s),
+                "eager": lambda d=d, s=s: l2_reconstruction(d, s),
+                "fused": lambda d=d, s=s: fused_l2_reconstruction(d, s),
+            }
+        )
+        cells = " | ".join(f"{r[k] / r['floor']:.2f}x" for k in ("mse", "seed", "inductor"))
+        lines.append(
+            f"| {shape[0]}x{shape[1]} | {r['floor'] * 1e3:.3f} ms | {cells} | "
+            f"{r['eager'] / r['floor']:.2f}x | {r['fused'] / r['floor']:.2f}x | "
+            f"{r['eager'] / r['mse']:.2f}x |"
+        )
+        r = timer.medians(
+            {
+                "floor": lambda d=d: d.sum(),
+                "seed": lambda d=d: seed_l1(d),
+                "inductor": lambda d=d: naive_l1(d),
+                "eager": lambda d=d: l1_absolute(d),
+                "fused": lambda d=d: fused_l1_absolute(d),
+            }
+        )
+        cells = " | ".join(f"{r[k] / r['floor']:.2f}x" for k in ("seed", "inductor", "eager"))
+        l1_lines.append(
+            f"| {shape[0]}x{shape[1]} | {r['floor'] * 1e3:.3f} ms | {cells} | "
+            f"{r['fused'] / r['floor']:.2f}x |"
+        )
+        del d, s
+    return lines + l1_lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and 2 rounds, for CI")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    random.seed(0)
+    torch.manual_seed(0)
+    rounds = 2 if args.quick else 15
+    timer = Timer(device, rounds, block=1 if args.quick else 20)
+    slow_timer = Timer(device, rounds, block=1 if args.quick else 3)
+    sizes = (
+        [(64, 48), (128, 96)]
+        if args.quick
+        else [
+            (256, 768),
+            (1024, 768),
+            (4096, 768),
+            (16384, 2048),
+            (32768, 4096),
+        ]
+    )
+    lines = [
+        f"device: {device}, torch {torch.__version__}, threads: {torch.get_num_threads()}, "
+        f"rounds: {rounds}, float32"
+    ]
+    lines += masked(timer, (64, 48) if args.quick else (4096, 768), device)
+    lines += sparsity_terms(slow_timer, (64, 256) if args.quick else (4096, 16384), device)
+    lines += sweep(2 if args.quick else 9, sizes, device)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
