@@ -187,19 +187,20 @@ class _RowValues(torch.autograd.Function):
         return None, None, None, None, None, None, *grads
 
 
-def uses_plain_formula(*tensors: Tensor | None) -> bool:
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def uses_plain_formula(tensors: Params) -> bool:
     """Whether the plain formula runs: under compile, torch.func, or for tensor subclasses."""
-    return (
-        torch.compiler.is_compiling()
-        or torch._C._functorch.peek_interpreter_stack() is not None
-        or any(t is not None and type(t) not in (Tensor, torch.nn.Parameter) for t in tensors)
-    )
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
+    return any(t is not None and type(t) not in _PLAIN_TYPES for t in tensors)
 
 
 def row_values(
     op: RowOp,
-    batched: tuple[Tensor, ...],
-    params: tuple[Tensor | None, ...] = (),
+    batched: Tensors,
+    params: Params = (),
     *,
     dtype: torch.dtype,
     mask: Tensor | None = None,
@@ -212,18 +213,16 @@ def row_values(
     if not op.differentiable:
         batched = tuple(t.detach() for t in batched)
         params = tuple(p if p is None else p.detach() for p in params)
-    if uses_plain_formula(*batched, *params):
-        return op.formula(*_zero_masked_rows(keep, batched), *params, dtype=dtype, **options)
     tensors = (*batched, *params)
-    if (
-        op.differentiable
-        and torch.is_grad_enabled()
-        and any(t is not None and t.requires_grad for t in tensors)
-    ):
-        rows: Tensor = _RowValues.apply(  # type: ignore[no-untyped-call]
-            kernels, op, dtype, options, keep, len(batched), *tensors
-        )
-        return rows
+    if uses_plain_formula(tensors):
+        return op.formula(*_zero_masked_rows(keep, batched), *params, dtype=dtype, **options)
+    if op.differentiable and torch.is_grad_enabled():
+        for t in tensors:
+            if t is not None and t.requires_grad:
+                rows: Tensor = _RowValues.apply(  # type: ignore[no-untyped-call]
+                    kernels, op, dtype, options, keep, len(batched), *tensors
+                )
+                return rows
     return kernels.rows(op, batched, params, dtype, options)
 
 

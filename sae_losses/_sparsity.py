@@ -85,6 +85,18 @@ def _l0_formula(learned: Tensor, *, dtype: torch.dtype, threshold: float) -> Ten
 L0 = RowOp("l0_norm", _l0_formula, differentiable=False)
 
 
+def _largest_value_at_most(threshold: float, dtype: torch.dtype) -> float:
+    """The largest ``dtype`` value <= ``threshold``, so ``|z| > it`` holds iff ``|z| > threshold``.
+
+    A Python threshold compared with a half tensor is rounded to half first: 0.3 becomes
+    0.30078125 in bfloat16, and a bfloat16 0.30078125 would no longer count as above 0.3.
+    """
+    rounded = torch.tensor(threshold, dtype=dtype)
+    if rounded.item() > threshold:
+        rounded = torch.nextafter(rounded, torch.tensor(-float("inf"), dtype=dtype))
+    return float(rounded.item())
+
+
 class _HeavisideStep(torch.autograd.Function):
     """``H(pre - threshold)`` with the rectangle-kernel straight-through gradient to threshold."""
 
@@ -279,7 +291,7 @@ def l0_norm(
     learned, _, reduce, mask, dtype = _check_learned(learned, None, reduce, mask)
     if isinstance(threshold, bool) or not isinstance(threshold, int | float) or threshold < 0:
         raise ValueError(f"`threshold` must be a non-negative float, got {threshold!r}.")
-    options = {"threshold": float(threshold)}
+    options = {"threshold": _largest_value_at_most(float(threshold), learned.dtype)}
     rows = row_values(L0, (learned,), dtype=dtype, mask=mask, options=options)
     return reduce_rows(rows, reduce, mask)
 
