@@ -215,7 +215,7 @@ def l1_absolute(
 def lp_sparsity(
     learned: Float[Tensor, "batch *component feature"],
     *,
-    p: float,
+    p: float | int,
     weight: Float[Tensor, " feature"] | None = None,
     root: bool = False,
     reduce: Reduce = "mean",
@@ -258,7 +258,7 @@ def lp_sparsity(
 def l0_norm(
     learned: Float[Tensor, "batch *component feature"],
     *,
-    threshold: float = 0.0,
+    threshold: float | int = 0.0,
     reduce: Reduce = "mean",
     mask: Mask = None,
 ) -> Float[Tensor, "..."]:
@@ -300,7 +300,7 @@ def jumprelu_l0(
     pre_activations: Float[Tensor, "batch *component feature"],
     threshold: Float[Tensor, " feature"],
     *,
-    bandwidth: float,
+    bandwidth: float | int,
     reduce: Reduce = "mean",
     mask: Mask = None,
 ) -> Float[Tensor, "..."]:
