@@ -12,6 +12,7 @@ differentiable; compiled backward kernels are not meant to be differentiated aga
 """
 
 import functools
+import types
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -32,8 +33,12 @@ _fallback: list[str] = []  # why inductor could not build, once it has failed
 
 @functools.cache
 def _compiled(function: Callable[..., Any], key: tuple[Any, ...]) -> Callable[..., Any]:
-    del key  # one torch.compile object per key, so each has its own recompile budget
-    return torch.compile(function, fullgraph=True)
+    # Dynamo counts recompiles per code object, not per torch.compile wrapper: each key gets a
+    # fresh copy of the function's code, so each has its own budget of 8.
+    del key
+    code = function.__code__.replace()
+    copy = types.FunctionType(code, function.__globals__, function.__name__)
+    return torch.compile(copy, fullgraph=True)
 
 
 def _signature(value: Any) -> Any:

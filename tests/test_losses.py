@@ -1,6 +1,7 @@
 """Tests for l2_reconstruction and l1_absolute against float64 references and the seed's cases."""
 
 import inspect
+import pathlib
 
 import hypothesis.strategies as st
 import jaxtyping
@@ -11,7 +12,13 @@ from torch._dynamo.testing import CompileCounter
 
 import sae_losses
 from helpers import l1_reference, l2_reference, randn
-from sae_losses import _rowops, l1_absolute, l2_reconstruction
+from sae_losses import (
+    _rowops,
+    fused_l1_absolute,
+    fused_l2_reconstruction,
+    l1_absolute,
+    l2_reconstruction,
+)
 
 # The suite runs with the jaxtyping + beartype hook on, which rejects bad shapes and dtypes
 # before the function body runs. The error-message tests call the bodies directly.
@@ -399,3 +406,99 @@ def test_inductor_compiled_gradients_match_eager():
         l2_reconstruction(decoded, source, reduce="sum") + l1_absolute(decoded, reduce="sum")
     ).backward()
     torch.testing.assert_close(grad_compiled, decoded.grad)
+
+
+# --- numerics: fp16 gradients that overflow half, long feature axes -----------------------------
+
+
+def _check_fp16_backward_in_float32(l2):
+    # decoded - source = 80000 overflows float16 (max 65504); the gradient 2 * 80000 / F = 20000
+    # (upstream 1: reduce="sum") does not, so it must come back finite and exact.
+    decoded = torch.full((2, 8), 40000.0, dtype=torch.float16, requires_grad=True)
+    source = torch.full((2, 8), -40000.0, dtype=torch.float16, requires_grad=True)
+    loss = l2(decoded, source, reduce="sum")
+    assert loss.dtype == torch.float32
+    assert loss.item() == 2 * 80000.0**2
+    loss.backward()
+    assert decoded.grad.dtype == source.grad.dtype == torch.float16
+    assert torch.equal(decoded.grad, torch.full((2, 8), 20000.0, dtype=torch.float16))
+    assert torch.equal(source.grad, torch.full((2, 8), -20000.0, dtype=torch.float16))
+
+
+def test_fp16_backward_computes_in_float32():
+    _check_fp16_backward_in_float32(l2_reconstruction)
+
+
+@pytest.mark.compile
+def test_fused_fp16_backward_computes_in_float32():
+    torch._dynamo.reset()
+    _check_fp16_backward_in_float32(fused_l2_reconstruction)
+
+
+LONG_FEATURES = 1 << 20
+
+
+def _relative_error(found, expected):
+    return ((found.double() - expected) / expected).abs().max().item()
+
+
+def _check_long_feature_axis(l2, l1):
+    # 3 rows of 2^20 float32 features: one row is over the 2^19-element block size, so the
+    # eager ops take the blocked path. A sequential float32 sum drifts here; a cascade sum
+    # (or a float64 one) stays within 1e-6 of the float64 value.
+    decoded, source = randn(3, LONG_FEATURES, seed=60), randn(3, LONG_FEATURES, seed=61)
+    expected_l2 = (decoded.double() - source.double()).square().mean(-1)
+    expected_l1 = decoded.double().abs().sum(-1)
+    # The inputs discriminate: vector_norm's float32 sums are far more than 1e-6 off.
+    norm_l2 = torch.linalg.vector_norm(decoded - source, dim=-1) ** 2 / LONG_FEATURES
+    norm_l1 = torch.linalg.vector_norm(decoded, ord=1, dim=-1)
+    assert _relative_error(norm_l2, expected_l2) > 5e-6
+    assert _relative_error(norm_l1, expected_l1) > 5e-6
+    assert _relative_error(l2(decoded, source, reduce="none"), expected_l2) < 1e-6
+    assert _relative_error(l1(decoded, reduce="none"), expected_l1) < 1e-6
+
+
+def test_long_feature_axes_stay_within_1e6_of_float64():
+    _check_long_feature_axis(l2_reconstruction, l1_absolute)
+
+
+@pytest.mark.compile
+def test_fused_long_feature_axes_stay_within_1e6_of_float64():
+    torch._dynamo.reset()
+    _check_long_feature_axis(fused_l2_reconstruction, fused_l1_absolute)
+
+
+# --- the README's recompile claim ----------------------------------------------------------------
+
+
+def test_readme_states_the_recompile_and_mark_dynamic():
+    # The claim the compile test below checks is the one the README makes.
+    readme = " ".join((pathlib.Path(__file__).parents[1] / "README.md").read_text().split())
+    assert "do not recompile when the batch size changes" not in readme
+    assert "recompiles once (2 graphs" in readme
+    assert "torch._dynamo.mark_dynamic(x, 0)" in readme
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("mark_dynamic", [False, True])
+def test_batch_size_changes_compile_two_graphs_or_one_with_mark_dynamic(mark_dynamic):
+    # The README: the first change of batch size recompiles once (2 graphs), then no more;
+    # torch._dynamo.mark_dynamic on the batch axis of every input gives a single graph.
+    torch._dynamo.reset()
+    counter = CompileCounter()
+
+    @torch.compile(backend=counter, fullgraph=True)
+    def sae_loss(decoded, source, learned):
+        return l2_reconstruction(decoded, source) + 0.01 * l1_absolute(learned)
+
+    frames = []
+    for batch in (2, 3, 5, 8, 13, 21):
+        decoded, source = randn(batch, 2, 6, seed=batch), randn(batch, 2, 6, seed=batch + 1)
+        learned = randn(batch, 2, 10, seed=batch + 2)
+        if mark_dynamic:
+            for tensor in (decoded, source, learned):
+                torch._dynamo.mark_dynamic(tensor, 0)
+        expected = l2_reference(decoded, source, "mean") + 0.01 * l1_reference(learned, "mean")
+        torch.testing.assert_close(sae_loss(decoded, source, learned).double(), expected)
+        frames.append(counter.frame_count)
+    assert frames == ([1] * 6 if mark_dynamic else [1, 2, 2, 2, 2, 2])
