@@ -138,9 +138,9 @@ def main(argv: list[str] | None = None) -> None:
         f"rounds: {rounds}, float32"
     ]
     lines += speed(timer, (64, 48) if args.quick else (4096, 768), device)
-    rows = 20_000 if args.quick else 400_000
-    lines += precision(rows, [3000.0] if args.quick else [0.0, 3000.0, 1e4, 1e5, 1e6])
-    print("\n".join(lines))
+    print("\n".join(lines), flush=True)
+    rows = 20_000 if args.quick else 200_000
+    print("\n".join(precision(rows, [3000.0] if args.quick else [0.0, 3000.0, 1e4, 1e5, 1e6])))
 
 
 if __name__ == "__main__":
