@@ -183,7 +183,9 @@ def all_reduce(
         return PendingAllReduce(None, lambda: result) if async_op else result
 
     gathered = torch.empty(world * length, dtype=torch.float64, device=device)
-    work = dist.all_gather_into_tensor(gathered, buffer, group=group, async_op=async_op)
+    # all_gather_single is all_gather_into_tensor's new name (torch 2.13 deprecates the old one).
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    work = gather(gathered, buffer, group=group, async_op=async_op)
 
     def check_and_finish() -> T:
         fingerprints = gathered.reshape(world, length)[:, 0].tolist()

@@ -1,9 +1,11 @@
 """Tests for StreamingMean: its laws, its precision, checkpoints, pytrees and compile."""
 
+import copy
 import dataclasses
 import inspect
 import io
 import itertools
+import pickle
 
 import hypothesis.strategies as st
 import pytest
@@ -228,4 +230,115 @@ def test_compiled_step_takes_and_returns_the_accumulator_without_recompiling():
     assert isinstance(compiled, StreamingMean)
     assert compiled.count.item() == eager.count.item() == 52
     torch.testing.assert_close(compiled.total, eager.total, rtol=1e-6, atol=0)
+    assert counter.frame_count <= 2
+
+
+# Issue 8, item 6: the hash contract, validation on every path that builds an accumulator, and no
+# host sync in update, merge or compute.
+
+
+def test_equal_accumulators_are_unhashable():
+    a, b = StreamingMean.empty(), StreamingMean.empty()
+    assert a == b
+    assert (a != b) is False
+    assert a != StreamingMean.empty().update(torch.ones(1))
+    with pytest.raises(TypeError, match=r"unhashable type: 'StreamingMean'"):
+        hash(a)
+    with pytest.raises(TypeError, match=r"unhashable type: 'StreamingMean'"):
+        len({a, b})
+    with pytest.raises(TypeError, match=r"unhashable type: 'StreamingMean'"):
+        hash(a.update(torch.ones(3)).merge(b))  # results of update and merge too
+
+
+def negative_count_copy(mean, count=-3):
+    """A copy of ``mean`` whose count was set past the checks, as corrupted state would be."""
+    bad = copy.copy(mean)
+    object.__setattr__(bad, "count", torch.tensor(count))
+    return bad
+
+
+NEGATIVE = r"`count` must not be negative, got -3\."
+
+
+def test_constructor_rejects_a_negative_count():
+    with pytest.raises(ValueError, match=NEGATIVE):
+        StreamingMean(torch.zeros(2, dtype=torch.float64), torch.tensor(-3))
+    with pytest.raises(ValueError, match=r"`count` must not be negative, got -1\."):
+        StreamingMean(torch.zeros((), dtype=torch.float64), torch.tensor(-1))
+    assert StreamingMean(torch.zeros((), dtype=torch.float64), torch.tensor(0)).count.item() == 0
+
+
+def test_from_state_dict_rejects_a_negative_count():
+    state = accumulate([torch.ones(4, 2)], (2,)).state_dict()
+    state["count"] = torch.tensor(-3)
+    with pytest.raises(ValueError, match=NEGATIVE):
+        StreamingMean.from_state_dict(state)
+
+
+def test_unpickling_rejects_a_negative_count():
+    bad = negative_count_copy(accumulate([torch.ones(4, 2)], (2,)))
+    payload = pickle.dumps(bad)  # dumping does not check; loading builds a new one, checked
+    with pytest.raises(ValueError, match=NEGATIVE):
+        pickle.loads(payload)
+    with pytest.raises(ValueError, match=NEGATIVE):
+        copy.deepcopy(bad)
+
+
+def test_unpickling_checks_dtypes():
+    bad = copy.copy(StreamingMean.empty((2,)))
+    object.__setattr__(bad, "total", torch.zeros(2))  # float32, not float64
+    # The library's message, or (with the suite's runtime type check on) jaxtyping's, which
+    # rejects the constructor's arguments first.
+    message = r"`total` must be a float64 tensor, got a torch\.float32|parameter 'total'"
+    with pytest.raises(TypeError, match=message):
+        pickle.loads(pickle.dumps(bad))
+
+
+@pytest.mark.parametrize(
+    "duplicate", [copy.copy, copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m))]
+)
+def test_copies_round_trip(duplicate):
+    mean = accumulate([torch.randn(7, 2, generator=torch.Generator().manual_seed(0))], (2,))
+    duplicated = duplicate(mean)
+    assert type(duplicated) is StreamingMean
+    assert duplicated == mean
+    assert duplicated.total.dtype == torch.float64
+    assert duplicated.count.dtype == torch.int64
+    assert duplicated.update(torch.ones(1, 2)) == mean.update(torch.ones(1, 2))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        duplicated.count = torch.tensor(0)
+
+
+def test_update_merge_and_compute_do_not_read_values_on_the_host():
+    # Meta tensors have no values: any host sync (.item(), bool(), a check of `count < 0`) on
+    # this path raises. Only metadata may be read.
+    mean = StreamingMean.empty((3,), device="meta")
+    rows = torch.empty(5, 3, device="meta")
+    merged = mean.update(rows).merge(mean.update(rows[:2]))
+    assert merged.total.device.type == merged.count.device.type == "meta"
+    assert merged.compute().shape == (3,)
+    leaves, spec = pytree.tree_flatten(merged)  # the pytree path compile uses, too
+    assert pytree.tree_unflatten(leaves, spec).total.shape == (3,)
+
+
+@pytest.mark.compile
+def test_merge_and_compute_trace_with_fullgraph():
+    # fullgraph=True fails on any data-dependent Python branch or host read in the traced code.
+    torch._dynamo.reset()
+    counter = CompileCounter()
+
+    @torch.compile(backend=counter, fullgraph=True)
+    def step(a, b, values):
+        merged = a.merge(b).update(values)
+        return merged, merged.compute()
+
+    generator = torch.Generator().manual_seed(0)
+    compiled = eager = StreamingMean.empty((2,))
+    for batch in (2, 3, 5, 8):
+        values = torch.randn(batch, 2, generator=generator)
+        other = StreamingMean.empty((2,)).update(values[:1])
+        compiled, result = step(compiled, other, values)
+        eager = eager.merge(other).update(values)
+    assert compiled == eager
+    torch.testing.assert_close(result, eager.compute(), rtol=1e-12, atol=0)
     assert counter.frame_count <= 2
