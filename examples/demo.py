@@ -13,7 +13,9 @@ and its per-epoch L2, L1 and total are streamed with StreamingMean. The same tra
 times: eager, with the loss step under torch.compile(fullgraph=True), and on 2 processes (gloo,
 launched with torchrun) where all_reduce syncs the streamed metrics. At the end the SAE's decoder
 directions are matched against the true features: a feature is recovered when some decoder
-direction has cosine similarity above 0.9 with it.
+direction has cosine similarity above 0.9 with it. Each SAE is also evaluated on held-out rows:
+its FVU (StreamingFVU), L0 (l0_norm) and dead fraction (the share of latents that never fire,
+from StreamingMean.empty((d_sae,)).update(learned > 0)) go into the summary table.
 """
 
 import argparse
@@ -27,7 +29,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from sae_losses import StreamingMean, all_reduce, l1_absolute, l2_reconstruction
+from sae_losses import (
+    StreamingFVU,
+    StreamingMean,
+    all_reduce,
+    l0_norm,
+    l1_absolute,
+    l2_reconstruction,
+)
 
 METRICS = ("l2", "l1", "total")
 
@@ -171,12 +180,36 @@ def evaluation_batches(args, data):
 
 @torch.no_grad()
 def evaluate(sae, batches, l1_coefficient, rank=0, world_size=1):
-    """Stream L2, L1 and total over this rank's share of the evaluation rows, then sync."""
-    metrics = empty_metrics()
+    """Stream L2, L1, total, FVU, L0 and feature density over this rank's share of the
+    evaluation rows, then sync them all in one all_reduce."""
+    d_sae, d_model = sae.w_dec.shape
+    metrics = {
+        **empty_metrics(),
+        "fvu": StreamingFVU.empty((d_model,)),
+        "l0": StreamingMean.empty(),
+        "density": StreamingMean.empty((d_sae,)),  # each latent's firing frequency
+    }
     for source in batches:
         rows = source[rank::world_size]
-        _, metrics = loss_step(sae, metrics, rows, l1_coefficient)
+        losses = {name: metrics[name] for name in METRICS}
+        _, losses = loss_step(sae, losses, rows, l1_coefficient)
+        learned, decoded = sae(rows)
+        metrics = {
+            **losses,
+            "fvu": metrics["fvu"].update(decoded, rows),
+            "l0": metrics["l0"].update(l0_norm(learned, reduce="none")),
+            "density": metrics["density"].update(learned > 0),
+        }
     return all_reduce(metrics)
+
+
+def quality(synced: dict) -> dict[str, float]:
+    """FVU, L0 and the fraction of latents that never fired, from `evaluate`'s result."""
+    return {
+        "fvu": synced["fvu"].compute().item(),
+        "l0": synced["l0"].compute().item(),
+        "dead_fraction": (synced["density"].compute() == 0).double().mean().item(),
+    }
 
 
 def recovered_features(sae: SparseAutoencoder, data: ToySuperposition, threshold=0.9) -> int:
@@ -187,6 +220,10 @@ def recovered_features(sae: SparseAutoencoder, data: ToySuperposition, threshold
 
 def run_ddp_rank(args: argparse.Namespace) -> None:
     """One torchrun rank: train with DDP, evaluate with synced metrics, write rank 0's results."""
+    # Import before init: torch.distributed.nn binds group.WORLD as default arguments, so imported
+    # later (DDP and Adam do) it keeps the group's gloo threads alive into interpreter shutdown.
+    import torch.distributed.nn
+
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
@@ -201,6 +238,7 @@ def run_ddp_rank(args: argparse.Namespace) -> None:
             "seconds": seconds,
             "eval": {name: synced[name].compute().item() for name in METRICS},
             "eval_rows": synced["l2"].count.item(),
+            "quality": quality(synced),  # FVU, L0 and dead fraction, synced over the 2 ranks
         }
         (args.out_dir / "ddp_result.json").write_text(json.dumps(result))
     dist.destroy_process_group()
@@ -268,11 +306,13 @@ def main(argv: list[str] | None = None) -> dict:
             "seconds": eager_seconds,
             "recovered": recovered_features(eager_sae, data),
             "history": eager_history,
+            **quality(evaluate(eager_sae, eval_batches, args.l1_coefficient)),
         },
         "compiled": {
             "seconds": compiled_seconds,
             "recovered": recovered_features(compiled_sae, data),
             "history": compiled_history,
+            **quality(evaluate(compiled_sae, eval_batches, args.l1_coefficient)),
         },
     }
     if not args.skip_ddp:
@@ -289,6 +329,7 @@ def main(argv: list[str] | None = None) -> dict:
             "synced_eval": ddp["eval"],
             "one_process_eval": {name: one_process[name].compute().item() for name in METRICS},
             "eval_rows": ddp["eval_rows"],
+            **ddp["quality"],  # FVU, L0, dead fraction, streamed on the 2 ranks and synced
         }
 
     plot_path = args.out_dir / "demo_losses.png"
@@ -300,10 +341,13 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def print_summary(args: argparse.Namespace, summary: dict) -> None:
-    print(f"\nSummary ({args.n_features} true features; recovered = max cosine > 0.9)")
+    print(
+        f"\nSummary ({args.n_features} true features; recovered = max cosine > 0.9; "
+        f"FVU, L0 and dead latent fraction on {4 * args.batch_size} held-out rows)"
+    )
     print(
         f"{'run':<16}{'wall time':>11}{'first L2':>11}{'last L2':>11}{'last L1':>9}"
-        f"{'last total':>12}{'recovered':>11}"
+        f"{'last total':>12}{'recovered':>11}{'FVU':>9}{'L0':>7}{'dead':>7}"
     )
     for run in ("eager", "compiled", "ddp"):
         if run not in summary:
@@ -313,6 +357,7 @@ def print_summary(args: argparse.Namespace, summary: dict) -> None:
             f"{run:<16}{result['seconds']:>10.1f}s{history['l2'][0]:>11.5f}{history['l2'][-1]:>11.5f}"
             f"{history['l1'][-1]:>9.4f}{history['total'][-1]:>12.5f}"
             f"{result['recovered']:>6}/{args.n_features}"
+            f"{result['fvu']:>9.4f}{result['l0']:>7.2f}{result['dead_fraction']:>7.3f}"
         )
     print("(the compiled run's wall time includes its one-time compile)")
     if "ddp" in summary:
