@@ -98,6 +98,20 @@ def test_benchmark_smoke_run_prints_every_figure():
     assert "| bytes saved beyond the inputs (eager, fused) | 0, 0 |" in output
 
 
+def test_family_and_eval_benchmark_smoke_runs_print_every_table():
+    family = run("benchmarks/bench_family.py", "--quick")
+    for heading in ("Masked calls", "Sparsity terms", "Size sweep, L2", "Size sweep, L1"):
+        assert f"### {heading}" in family
+    assert "masked / unmasked" in family
+    evaluation = run("benchmarks/bench_eval.py", "--quick")
+    assert "### FVU on (64, 48)" in evaluation
+    # The precision row at offset 3000: our two FVU columns at rounding level.
+    row = next(line for line in evaluation.splitlines() if line.startswith("| 3000 |"))
+    streamed, _, _, gathered, _ = (float(cell) for cell in row.strip("| ").split(" | ")[1:])
+    assert streamed < 1e-12
+    assert gathered < 1e-12
+
+
 @pytest.fixture(scope="module")
 def evaluate_example():
     """examples/evaluate.py as a module; it puts examples/ on sys.path to import the demo."""
