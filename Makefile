@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test lint bench bench-smoke demo clean
+.PHONY: test lint typecheck bench bench-smoke demo clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,19 +16,26 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# mypy --strict on the package, with [tool.mypy] in pyproject.toml. Its cache (.mypy_cache) also
+# makes tests/test_typing.py's two mypy runs take about a second each.
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
 # Pass 1: everything, with the jaxtyping + beartype runtime check on (see conftest.py).
 # Pass 2: the compile tests, which need it off because its wrapper breaks fullgraph tracing.
-test: lint
+test: lint typecheck
 	$(BIN)/python -m pytest -m "not compile"
 	$(BIN)/python -m pytest -m compile --no-typecheck tests sae_losses
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info .mypy_cache
 
 # Trains a toy SAE eagerly, compiled, and on 2 processes with torchrun; writes out/demo_losses.png.
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
-# The full benchmark table (about 4 minutes on 2 CPU cores); --quick is the CI smoke run.
+# The full benchmark tables (about 10 minutes on 2 CPU cores); --quick is the CI smoke run.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py
+	$(BIN)/python benchmarks/bench_family.py
+	$(BIN)/python benchmarks/bench_eval.py

@@ -24,6 +24,10 @@ def pytest_configure(config: pytest.Config) -> None:
         install_import_hook("sae_losses", "beartype.beartype")
 
 
+# Scripts that tests/test_typing.py checks with mypy: neither tests nor doctests, and bad_usage.py
+# raises when imported. (Paths here are relative to this file, whatever the working directory.)
+collect_ignore = ["tests/typing"]
+
 # Doctests that call torch.compile: they run with the compile tests, in the pass without the hook.
 COMPILING_DOCTEST_MODULES = ("sae_losses._fused",)
 
