@@ -10,8 +10,8 @@ import argparse
 import random
 
 import torch
-import torch.nn.functional as F  # noqa: N812 (the usual torch alias)
 from _timing import Timer, table
+from bench import mse_loss_l2, seed_l1, seed_l2
 
 from sae_losses import (
     fused_l1_absolute,
@@ -21,18 +21,6 @@ from sae_losses import (
     l1_absolute,
     l2_reconstruction,
 )
-
-
-def seed_l2(decoded, source):
-    return (decoded - source).pow(2).mean(-1).mean(0)
-
-
-def seed_l1(learned):
-    return learned.abs().sum(-1).mean(0)
-
-
-def mse_loss_l2(decoded, source):
-    return F.mse_loss(decoded, source, reduction="none").mean(-1).mean(0)
 
 
 def masked(timer: Timer, shape: tuple[int, int], device: torch.device) -> list[str]:
