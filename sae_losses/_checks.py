@@ -17,7 +17,6 @@ __all__ = [
     "accumulation_dtype",
     "check_activations",
     "check_feature_vector",
-    "check_mask",
     "check_positive_float",
     "check_reduce",
     "check_same_shape",
@@ -70,24 +69,6 @@ def check_reduce(reduce: object) -> Reduce:
     if not isinstance(reduce, str) or reduce not in _REDUCE_MODES:
         raise ValueError(f"`reduce` must be one of 'none', 'mean' or 'sum', got {reduce!r}.")
     return cast(Reduce, reduce)
-
-
-def check_mask(mask: object, like: Tensor, *, weights_allowed: bool = True) -> Tensor | None:
-    """A ``(batch,)`` bool mask, or floating row weights where ``weights_allowed``."""
-    if mask is None:
-        return None
-    if not isinstance(mask, Tensor):
-        raise TypeError(f"`mask` must be a torch.Tensor or None, got {type(mask).__name__}.")
-    if mask.dtype != torch.bool and not (weights_allowed and mask.is_floating_point()):
-        kinds = "bool or floating (row weights)" if weights_allowed else "bool"
-        raise TypeError(f"`mask` must be a {kinds} tensor, got dtype {mask.dtype}.")
-    if mask.shape != like.shape[:1]:
-        raise ValueError(
-            f"`mask` must have shape (batch,) = {shape_str(like.shape[:1])}, got {shape_str(mask)}."
-        )
-    if mask.device != like.device:
-        raise ValueError(f"`mask` is on {mask.device} but the inputs are on {like.device}.")
-    return mask
 
 
 def check_feature_vector(name: str, x: object, like: Tensor) -> Tensor:

@@ -12,10 +12,10 @@ from sae_losses._checks import (
     Reduce,
     accumulation_dtype,
     check_activations,
-    check_mask,
     check_reduce,
     check_same_shape,
 )
+from sae_losses._masks import check_mask
 from sae_losses._rowops import EAGER, Grads, Kernels, Params, RowOp, reduce_rows, row_values
 
 __all__ = ["L2", "fraction_of_variance_unexplained", "l2_loss", "l2_reconstruction"]

@@ -15,10 +15,10 @@ from sae_losses._checks import (
     accumulation_dtype,
     check_activations,
     check_feature_vector,
-    check_mask,
     check_positive_float,
     check_reduce,
 )
+from sae_losses._masks import check_mask
 from sae_losses._rowops import EAGER, Grads, Kernels, Params, RowOp, reduce_rows, row_values
 
 __all__ = ["L1", "jumprelu_l0", "l0_norm", "l1_absolute", "l1_loss", "lp_sparsity"]

@@ -30,7 +30,8 @@ from jaxtyping import Bool, Float64, Int64, Shaped
 from torch import Tensor
 
 from sae_losses._accumulator import Accumulator, check_state_tensor, register_accumulator
-from sae_losses._checks import check_mask, describe, shape_str
+from sae_losses._checks import describe, shape_str
+from sae_losses._masks import check_mask, row_view
 
 __all__ = ["StreamingMean"]
 
@@ -115,7 +116,7 @@ class StreamingMean(Accumulator):
             return self._trusted(
                 self.total + values.sum(0, dtype=torch.float64), self.count + values.shape[0]
             )
-        keep = mask.detach().reshape(mask.shape + (1,) * (values.ndim - 1))
+        keep = row_view(mask, values)
         kept = torch.where(keep, values, 0).sum(0, dtype=torch.float64)
         return self._trusted(self.total + kept, self.count + mask.sum())
 

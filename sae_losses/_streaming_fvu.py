@@ -23,7 +23,8 @@ from jaxtyping import Bool, Float, Float64, Int64
 from torch import Tensor
 
 from sae_losses._accumulator import Accumulator, check_state_tensor, register_accumulator
-from sae_losses._checks import check_activations, check_mask, check_same_shape, shape_str
+from sae_losses._checks import check_activations, check_same_shape, shape_str
+from sae_losses._masks import check_mask
 from sae_losses._rowops import BLOCK_ELEMENTS
 
 __all__ = ["StreamingFVU"]
