@@ -17,6 +17,9 @@ __all__ = [
     "accumulation_dtype",
     "check_activations",
     "check_feature_vector",
+    "check_floating",
+    "check_non_negative_float",
+    "check_pair",
     "check_positive_float",
     "check_reduce",
     "check_same_shape",
@@ -41,12 +44,23 @@ def describe(x: object) -> str:
     return type(x).__name__
 
 
-def check_activations(name: str, x: object) -> Tensor:
-    """Check that ``x`` is a floating tensor shaped ``(batch, *component, feature)``."""
+def check_floating(name: str, x: object) -> Tensor:
+    """A floating-point tensor of a dtype the ops compute in (float8 is not one)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}.")
     if not x.is_floating_point():
         raise TypeError(f"`{name}` must be a floating-point tensor, got dtype {x.dtype}.")
+    if x.dtype.itemsize == 1:
+        raise TypeError(
+            f"`{name}` has dtype {x.dtype}: float8 is not supported (aten cannot reduce or promote "
+            "it); convert it to bfloat16, float16 or float32 first."
+        )
+    return x
+
+
+def check_activations(name: str, x: object) -> Tensor:
+    """Check that ``x`` is a floating tensor shaped ``(batch, *component, feature)``."""
+    x = check_floating(name, x)
     if x.ndim < 2:
         raise ValueError(
             f"`{name}` must have shape (batch, *component, feature) with at least 2 dimensions, "
@@ -55,6 +69,14 @@ def check_activations(name: str, x: object) -> Tensor:
     if x.shape[-1] == 0:
         raise ValueError(f"`{name}` has an empty feature axis: shape {shape_str(x)}.")
     return x
+
+
+def check_pair(decoded: object, source: object) -> tuple[Tensor, Tensor]:
+    """``decoded`` and ``source``: activations of one shape, with no broadcasting."""
+    decoded = check_activations("decoded", decoded)
+    source = check_activations("source", source)
+    check_same_shape("`decoded` and `source`", decoded, source)
+    return decoded, source
 
 
 def check_same_shape(names: str, a: Tensor, b: Tensor) -> None:
@@ -73,10 +95,7 @@ def check_reduce(reduce: object) -> Reduce:
 
 def check_feature_vector(name: str, x: object, like: Tensor) -> Tensor:
     """A floating ``(feature,)`` tensor on ``like``'s device, such as a weight or a threshold."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}.")
-    if not x.is_floating_point():
-        raise TypeError(f"`{name}` must be a floating-point tensor, got dtype {x.dtype}.")
+    x = check_floating(name, x)
     if x.shape != like.shape[-1:]:
         raise ValueError(
             f"`{name}` must have shape (feature,) = {shape_str(like.shape[-1:])}, "
@@ -87,13 +106,29 @@ def check_feature_vector(name: str, x: object, like: Tensor) -> Tensor:
     return x
 
 
+def _as_float(name: str, value: object, kind: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"`{name}` must be a {kind} float, got {value!r}.")
+    try:
+        return float(value)
+    except OverflowError:  # a Python int beyond float64
+        raise ValueError(f"`{name}` must be a {kind} float, got {value!r}.") from None
+
+
 def check_positive_float(name: str, value: object) -> float:
     """A positive, finite Python number (bool excluded); returned as a float."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    number = _as_float(name, value, "positive")
+    if not 0 < number < float("inf"):
         raise ValueError(f"`{name}` must be a positive float, got {value!r}.")
-    if not 0 < value < float("inf"):
-        raise ValueError(f"`{name}` must be a positive float, got {value!r}.")
-    return float(value)
+    return number
+
+
+def check_non_negative_float(name: str, value: object) -> float:
+    """A non-negative Python number, ``inf`` included (bool and NaN excluded); as a float."""
+    number = _as_float(name, value, "non-negative")
+    if not number >= 0:
+        raise ValueError(f"`{name}` must be a non-negative float, got {value!r}.")
+    return number
 
 
 def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:

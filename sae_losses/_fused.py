@@ -2,16 +2,20 @@
 
 The eager ops need at least one extra pass over a cached temporary; these run the formula as one
 inductor kernel (C++ on the CPU, Triton on CUDA) that reads each input once. Each combination of
-dtypes, ranks, ``requires_grad`` flags and options gets its own compiled function, so it
-compiles once (plus one dynamic-shape recompile when the batch size first changes) and no
-combination counts against another's recompile limit. Where inductor cannot build a kernel (no
-C++ compiler, no Triton), the call warns once and falls back to the eager kernels.
+dtypes, ranks, stride orders, ``requires_grad`` flags and options gets its own compiled
+function, so it compiles once (plus one dynamic-shape recompile when the batch size first
+changes) and no combination counts against another's recompile limit. Where one kind of input
+cannot be compiled (no C++ compiler, no Triton, dynamo's recompile limit for an exotic layout,
+or a runtime type checker whose wrappers dynamo cannot trace), that kind runs the eager kernels
+from then on, with the same numbers, and every other kind is unaffected; the first build
+failure warns once.
 
 A double backward (``create_graph=True``) runs the eager gradient formulas, which are
 differentiable; compiled backward kernels are not meant to be differentiated again.
 """
 
 import functools
+import inspect
 import types
 import warnings
 from collections.abc import Callable
@@ -22,29 +26,53 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from sae_losses._checks import Reduce
+from sae_losses._penalties import l1_loss
 from sae_losses._reconstruction import l2_loss
-from sae_losses._rowops import EAGER, Grads, Kernels, Params, RowOp, Tensors
-from sae_losses._sparsity import l1_loss
+from sae_losses._rowops import (
+    EAGER,
+    Gradients,
+    RowOp,
+    RowSpec,
+    Strategy,
+    Tensors,
+    batched_backward,
+)
 
-__all__ = ["fused_l1_absolute", "fused_l2_reconstruction"]
+__all__ = ["FUSED", "fused_l1_absolute", "fused_l2_reconstruction"]
 
-_fallback: list[str] = []  # why inductor could not build, once it has failed
+_warned: list[str] = []  # the first build failure, once it has been reported
+_eager_keys: set[tuple[Any, ...]] = set()  # input kinds whose kernels could not be compiled
 
 
 @functools.cache
 def _compiled(function: Callable[..., Any], key: tuple[Any, ...]) -> Callable[..., Any]:
     # Dynamo counts recompiles per code object, not per torch.compile wrapper: each key gets a
-    # fresh copy of the function's code, so each has its own budget of 8.
+    # fresh copy of the function's code, so each has its own budget. A runtime type checker
+    # (jaxtyping's import hook) wraps the function: compile the function it wraps.
     del key
-    code = function.__code__.replace()
-    copy = types.FunctionType(code, function.__globals__, function.__name__)
+    original = inspect.unwrap(function)
+    copy = types.FunctionType(
+        original.__code__.replace(),
+        original.__globals__,
+        original.__name__,
+        original.__defaults__,
+        original.__closure__,
+    )
     return torch.compile(copy, fullgraph=True)
 
 
+def _layout(t: Tensor) -> tuple[int, ...]:
+    """The order of the strides (a transpose or an expand differs from a contiguous tensor)."""
+    strides = t.stride()
+    return tuple(sorted(range(t.ndim), key=lambda d: (-strides[d], d)))
+
+
 def _signature(value: Any) -> Any:
-    """What a compiled kernel specialises on: dtypes, ranks, requires_grad flags and options."""
+    """What a compiled kernel specialises on: dtypes, ranks, layouts, grad flags and options."""
     if isinstance(value, Tensor):
-        return (value.dtype, value.ndim, value.requires_grad)
+        return (value.dtype, value.ndim, value.requires_grad, _layout(value), 0 in value.stride())
+    if isinstance(value, RowSpec):
+        return (value.op, value.n_batched, value.dtype, _signature(dict(value.options)))
     if isinstance(value, tuple | list):
         return tuple(_signature(v) for v in value)
     if isinstance(value, dict):
@@ -52,22 +80,24 @@ def _signature(value: Any) -> Any:
     return value
 
 
-def _run(eager: Callable[..., Any], function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    if not _fallback:
+def _run(eager: Callable[..., Any], function: Callable[..., Any], *args: Any) -> Any:
+    key = (function, _signature(args))
+    if key not in _eager_keys:
         try:
-            key = _signature((args, kwargs))
-            return _compiled(function, key)(*args, **kwargs)
+            return _compiled(function, key)(*args)
         except Exception as error:
-            if not _is_build_failure(error):
+            if not _is_compile_failure(error):
                 raise
-            _fallback.append(f"{type(error).__name__}: {error}".splitlines()[0])
-            warnings.warn(
-                "sae_losses: torch.compile could not build the fused kernels "
-                f"({_fallback[0]}); the fused functions run the eager kernels from now on.",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-    return eager(*args, **kwargs)
+            _eager_keys.add(key)
+            if _is_build_failure(error) and not _warned:
+                _warned.append(f"{type(error).__name__}: {error}".splitlines()[0])
+                warnings.warn(
+                    "sae_losses: torch.compile could not build the fused kernels "
+                    f"({_warned[0]}); inputs of that kind run the eager kernels from now on.",
+                    RuntimeWarning,
+                    stacklevel=5,
+                )
+    return eager(*args)
 
 
 def _is_build_failure(error: Exception) -> bool:
@@ -84,44 +114,63 @@ def _is_build_failure(error: Exception) -> bool:
     return isinstance(error, failures)
 
 
-def _fused_rows(
-    op: RowOp, batched: Tensors, params: Params, dtype: torch.dtype, options: dict[str, Any]
-) -> Tensor:
-    rows: Tensor = _run(EAGER.rows, _formula_rows, op, batched, params, dtype, options)
+def _is_compile_failure(error: Exception) -> bool:
+    """A build failure, dynamo's recompile limit for one kind of input (exotic layouts), or code
+    dynamo cannot trace (a runtime type checker's wrappers, such as jaxtyping's import hook)."""
+    from torch._dynamo.exc import FailOnRecompileLimitHit, Unsupported
+
+    return _is_build_failure(error) or isinstance(error, FailOnRecompileLimitHit | Unsupported)
+
+
+def _formula_rows(op: RowOp, dtype: torch.dtype, options: dict[str, Any], *inputs: Any) -> Tensor:
+    return op.formula(*inputs, dtype=dtype, **options)
+
+
+def _hand_written_gradients(
+    op: RowOp,
+    dtype: torch.dtype,
+    options: dict[str, Any],
+    inputs: Tensors,
+    grad_rows: Tensor,
+    needs: tuple[bool, ...],
+) -> Gradients:
+    assert op.gradients is not None  # only ops with hand-written gradients have fused variants
+    return op.gradients(inputs, grad_rows, dtype, needs, **options)
+
+
+def _fused_rows(spec: RowSpec, inputs: Tensors) -> Tensor:
+    # The compiled functions take the spec's fields, not the spec: a fresh object per call would
+    # be a new constant to dynamo's guards.
+    rows: Tensor = _run(
+        lambda *_: EAGER.rows(spec, inputs),
+        _formula_rows,
+        spec.op,
+        spec.dtype,
+        dict(spec.options),
+        *inputs,
+    )
     return rows
 
 
-def _formula_rows(
-    op: RowOp, batched: Tensors, params: Params, dtype: torch.dtype, options: dict[str, Any]
-) -> Tensor:
-    return op.formula(*batched, *params, dtype=dtype, **options)
-
-
-def _fused_grads(
-    op: RowOp,
-    tensors: Params,
-    grad_rows: Tensor,
-    dtype: torch.dtype,
-    needs: tuple[bool, ...],
-    options: dict[str, Any],
-) -> Grads:
-    grads: Grads = _run(EAGER.grads, _op_grads, op, tensors, grad_rows, dtype, needs, options)
+def _fused_gradients(
+    spec: RowSpec, inputs: Tensors, grad_rows: Tensor, needs: tuple[bool, ...]
+) -> Gradients:
+    if batched_backward(grad_rows):
+        return EAGER.gradients(spec, inputs, grad_rows, needs)
+    grads: Gradients = _run(
+        lambda *_: EAGER.gradients(spec, inputs, grad_rows, needs),
+        _hand_written_gradients,
+        spec.op,
+        spec.dtype,
+        dict(spec.options),
+        inputs,
+        grad_rows,
+        needs,
+    )
     return grads
 
 
-def _op_grads(
-    op: RowOp,
-    tensors: Params,
-    grad_rows: Tensor,
-    dtype: torch.dtype,
-    needs: tuple[bool, ...],
-    options: dict[str, Any],
-) -> Grads:
-    assert op.grads is not None  # only ops with hand-written gradients have fused variants
-    return op.grads(tensors, grad_rows, dtype, needs, **options)
-
-
-FUSED = Kernels(rows=_fused_rows, grads=_fused_grads)
+FUSED = Strategy(rows=_fused_rows, gradients=_fused_gradients)
 
 
 def fused_l2_reconstruction(

@@ -22,10 +22,11 @@ import torch
 from jaxtyping import Bool, Float, Float64, Int64
 from torch import Tensor
 
+from sae_losses import _rowops
 from sae_losses._accumulator import Accumulator, check_state_tensor, register_accumulator
 from sae_losses._checks import check_activations, check_same_shape, shape_str
-from sae_losses._masks import check_mask
-from sae_losses._rowops import BLOCK_ELEMENTS
+from sae_losses._fvu import kept_mean, squared_error_sum
+from sae_losses._masks import check_mask, row_view
 
 __all__ = ["StreamingFVU"]
 
@@ -33,18 +34,13 @@ __all__ = ["StreamingFVU"]
 def _batch_state(decoded: Tensor, source: Tensor, keep: Tensor | None) -> tuple[Tensor, ...]:
     """``(count, mean, m2, error)`` of one block of rows, in float64 about its own mean."""
     x = source.to(torch.float64, copy=True)  # modified in place below
-    error = (decoded.to(torch.float64) - x).square_()
-    if keep is None:
-        count = torch.full((), x.shape[0], dtype=torch.int64, device=x.device)
-        mean = x.mean(0) if x.shape[0] else x.sum(0)
-        deviation = x.sub_(mean)
-    else:
-        view = keep.reshape(keep.shape + (1,) * (x.ndim - 1))
-        count = keep.sum()
-        mean = torch.where(view, x, 0).sum(0) / count.clamp(min=1)
-        deviation = torch.where(view, x.sub_(mean), 0)
-        error = torch.where(view, error, 0)
-    return count, mean, deviation.square_().sum(0), error.sum((0, -1))
+    count = torch.full((), x.shape[0], device=x.device) if keep is None else keep.sum()
+    error = squared_error_sum(decoded.to(torch.float64), x, keep)
+    mean = kept_mean(x, keep, torch.float64)
+    deviation = x.sub_(mean)
+    if keep is not None:
+        deviation = torch.where(row_view(keep, x), deviation, 0)
+    return count, mean, deviation.square_().sum(0), error
 
 
 @register_accumulator
@@ -140,10 +136,9 @@ class StreamingFVU(Accumulator):
                 f"got {shape_str(source)}."
             )
         mask = check_mask(mask, source, weights_allowed=False)
-        decoded, source = decoded.detach(), source.detach()
-        keep = None if mask is None else mask.detach()
+        decoded, source, keep = decoded.detach(), source.detach(), mask
         # float64 blocks of about 1 MiB; under compile, one block that inductor fuses instead.
-        rows = max(1, BLOCK_ELEMENTS // 4 // max(1, self.mean.numel()))
+        rows = max(1, _rowops.BLOCK_ELEMENTS // 4 // max(1, self.mean.numel()))
         if torch.compiler.is_compiling():
             return self.merge(self._trusted(*_batch_state(decoded, source, keep)))
         state = self

@@ -1,0 +1,185 @@
+"""Counts: the L0 norm, and the JumpReLU L0 penalty with its straight-through threshold gradient.
+
+Each is a formula, an eager counting kernel and a docstring; :func:`sae_losses._rowops.row_term`
+does the rest (blocks, autograd, mask, reduce).
+"""
+
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from sae_losses._checks import (
+    Reduce,
+    accumulation_dtype,
+    check_activations,
+    check_feature_vector,
+    check_non_negative_float,
+    check_positive_float,
+)
+from sae_losses._penalties import Mask
+from sae_losses._rowops import RowOp, row_term
+
+__all__ = ["jumprelu_l0", "l0_norm"]
+
+
+def _l0_formula(learned: Tensor, *, dtype: torch.dtype, threshold: float) -> Tensor:
+    return (learned.abs() > threshold).sum(-1, dtype=dtype)
+
+
+def _l0_kernel(learned: Tensor, *, dtype: torch.dtype, threshold: float) -> Tensor:
+    # count_nonzero counts a bool block about 1.4x faster than sum(dtype=...) on the CPU.
+    return torch.count_nonzero(learned.abs() > threshold, dim=-1).to(dtype)
+
+
+L0 = RowOp(_l0_formula, _l0_kernel, differentiable=False)
+
+
+def _largest_value_at_most(threshold: float, dtype: torch.dtype) -> float:
+    """The largest ``dtype`` value <= ``threshold``, so ``|z| > it`` holds iff ``|z| > threshold``.
+
+    A Python threshold compared with a half tensor is rounded to half first: 0.3 becomes
+    0.30078125 in bfloat16, and a bfloat16 0.30078125 would no longer count as above 0.3.
+    """
+    rounded = torch.tensor(threshold, dtype=dtype)
+    if rounded.item() > threshold:
+        rounded = torch.nextafter(rounded, torch.tensor(-float("inf"), dtype=dtype))
+    return float(rounded.item())
+
+
+class _HeavisideStep(torch.autograd.Function):
+    """``H(pre - threshold)`` with the rectangle-kernel straight-through gradient to threshold."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(pre: Tensor, threshold: Tensor, dtype: torch.dtype, bandwidth: float) -> Tensor:
+        return (pre > threshold).to(dtype)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        pre, threshold, dtype, bandwidth = inputs
+        ctx.save_for_backward(pre, threshold)
+        ctx.dtype, ctx.bandwidth = dtype, bandwidth
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor, None, None]:
+        pre, threshold = ctx.saved_tensors
+        near = (pre.to(ctx.dtype) - threshold.to(ctx.dtype)).abs() < ctx.bandwidth / 2
+        grad_threshold = torch.where(near, grad, 0).sum_to_size(threshold.shape)
+        return None, grad_threshold.mul(-1 / ctx.bandwidth).to(threshold.dtype), None, None
+
+
+def _jumprelu_formula(
+    pre: Tensor, threshold: Tensor, *, dtype: torch.dtype, bandwidth: float
+) -> Tensor:
+    steps: Tensor = _HeavisideStep.apply(  # type: ignore[no-untyped-call]
+        pre, threshold, dtype, bandwidth
+    )
+    return steps.sum(-1)
+
+
+def _jumprelu_kernel(
+    pre: Tensor, threshold: Tensor, *, dtype: torch.dtype, bandwidth: float
+) -> Tensor:
+    return torch.count_nonzero(pre > threshold, dim=-1).to(dtype)
+
+
+JUMPRELU_L0 = RowOp(_jumprelu_formula, _jumprelu_kernel)
+
+
+def l0_norm(
+    learned: Float[Tensor, "batch *component feature"],
+    *,
+    threshold: float | int = 0.0,
+    reduce: Reduce = "mean",
+    mask: Mask = None,
+) -> Float[Tensor, "..."]:
+    r"""The number of active features per row: :math:`\#\{f : |z_f| > \text{threshold}\}`.
+
+    .. math::
+
+        \ell_{b,c} = \sum_{f=1}^{F} \mathbb{1}\big[|z_{b,c,f}| > \text{threshold}\big]
+
+    then ``mask`` and ``reduce`` as in :func:`l2_reconstruction`. The count is returned in the
+    accumulation dtype (float32 for float32 and half inputs, float64 for float64), so it can be
+    averaged and streamed. It has no gradient: the result does not require grad. For a
+    trainable L0, use :func:`jumprelu_l0`.
+
+    Shapes: as :func:`l1_absolute`, without ``weight``.
+
+    Raises:
+        ValueError: ``threshold`` is negative or not a Python number, and the errors of
+            :func:`l1_absolute`.
+
+    Example:
+        >>> import torch
+        >>> from sae_losses import l0_norm
+        >>> learned = torch.tensor([[0.0, 0.5, -2.0], [0.0, 0.0, 0.1]])
+        >>> l0_norm(learned, reduce="none")
+        tensor([2., 1.])
+        >>> l0_norm(learned, threshold=1.0, reduce="sum")
+        tensor(1.)
+    """
+    learned = check_activations("learned", learned)
+    threshold = check_non_negative_float("threshold", threshold)
+    options = {"threshold": _largest_value_at_most(threshold, learned.dtype)}
+    return row_term(L0, (learned,), reduce=reduce, mask=mask, options=options)
+
+
+def jumprelu_l0(
+    pre_activations: Float[Tensor, "batch *component feature"],
+    threshold: Float[Tensor, " feature"],
+    *,
+    bandwidth: float | int,
+    reduce: Reduce = "mean",
+    mask: Mask = None,
+) -> Float[Tensor, "..."]:
+    r"""The L0 penalty of JumpReLU SAEs, with the straight-through threshold gradient.
+
+    .. math::
+
+        \ell_{b,c} = \sum_{f=1}^{F} H(\pi_{b,c,f} - \theta_f), \qquad
+        \frac{\partial \mathcal{L}}{\partial \theta_f} = -\frac{1}{\varepsilon}
+        \sum_{b,c} g_{b,c} \, \mathbb{1}\big[|\pi_{b,c,f} - \theta_f| < \varepsilon / 2\big]
+
+    with :math:`H(u) = 1` if :math:`u > 0` else 0, :math:`\pi` = ``pre_activations``,
+    :math:`\theta` = ``threshold``, :math:`\varepsilon` = ``bandwidth`` and :math:`g` the upstream
+    gradient of each row (Rajamanoharan et al. 2024, "Jumping Ahead", with a rectangle kernel).
+    The forward is the exact count; no gradient flows to ``pre_activations``, as in the paper.
+    Any ``(batch, *component, feature)`` shape works. Then ``mask`` and ``reduce`` as in
+    :func:`l2_reconstruction`.
+
+    Shapes:
+        - ``pre_activations``: ``(batch, *component, feature)``; ``threshold``: ``(feature,)``.
+        - ``mask`` and the result: as in :func:`l1_absolute`.
+
+    Raises:
+        ValueError: ``bandwidth`` is not a positive Python number, ``threshold`` is not
+            ``(feature,)``, and the errors of :func:`l1_absolute` for ``pre_activations``.
+        TypeError: ``threshold`` is not a floating-point tensor.
+
+    Example:
+        >>> import torch
+        >>> from sae_losses import jumprelu_l0
+        >>> pre = torch.tensor([[0.95, 1.05, 2.0]])
+        >>> threshold = torch.ones(3, requires_grad=True)
+        >>> l0 = jumprelu_l0(pre, threshold, bandwidth=0.2)  # 1.05 and 2.0 are above 1
+        >>> l0
+        tensor(2., grad_fn=<MeanBackward1>)
+        >>> l0.backward()
+        >>> threshold.grad  # -1/0.2 where |pre - 1| < 0.1: the first two
+        tensor([-5., -5., -0.])
+    """
+    pre = check_activations("pre_activations", pre_activations)
+    threshold = check_feature_vector("threshold", threshold, pre)
+    bandwidth = check_positive_float("bandwidth", bandwidth)
+    dtype = accumulation_dtype(pre.dtype, threshold.dtype)
+    if 1 / bandwidth > torch.finfo(dtype).max:
+        raise ValueError(
+            f"`bandwidth` must be at least 1 / {torch.finfo(dtype).max:g} (its inverse, the "
+            f"threshold gradient's scale, must be finite in {dtype}), got {bandwidth!r}."
+        )
+    options = {"bandwidth": bandwidth}
+    return row_term(JUMPRELU_L0, (pre,), (threshold,), reduce=reduce, mask=mask, options=options)

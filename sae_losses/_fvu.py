@@ -1,0 +1,142 @@
+"""The fraction of variance unexplained of a batch, and the masked sums StreamingFVU shares.
+
+The batch FVU is a ratio of two sums over the kept rows: the squared error (the L2 row term,
+summed) over the squared deviation about the kept rows' mean (a second row term). Both are row
+terms of :mod:`sae_losses._rowops`, so they save only the inputs for backward; other ratio terms
+(the AuxK loss normalises by the same variance) reuse :func:`fvu_sums` and :func:`ratio_of_sums`.
+"""
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from sae_losses._checks import accumulation_dtype, check_pair
+from sae_losses._masks import check_mask, row_view
+from sae_losses._reconstruction import L2
+from sae_losses._rowops import RowOp, row_blocks, row_term, uses_plain_formula
+
+__all__ = [
+    "fraction_of_variance_unexplained",
+    "fvu_sums",
+    "kept_mean",
+    "ratio_of_sums",
+    "squared_error_sum",
+]
+
+
+def kept_mean(source: Tensor, keep: Tensor | None, dtype: torch.dtype) -> Tensor:
+    r"""The mean of the kept rows, ``(*component, feature)`` in ``dtype``, with no gradient.
+
+    It is taken about a pivot :math:`p`, the first kept row: :math:`p + \sum_b (x_b - p) / n`.
+    Where every kept row equals :math:`p`, the sum is exactly 0, so a constant component has
+    exactly its value as mean and exactly 0 as variance, in any dtype (a plain float32 sum of
+    ``3000.11`` three times is not exact). With no kept row it is 0, so that it stays finite
+    in the gradients of masked rows.
+    """
+    source = source.detach()
+    if source.shape[0] == 0:
+        return torch.zeros(source.shape[1:], dtype=dtype, device=source.device)
+    first = torch.zeros(1, dtype=torch.int64, device=source.device)
+    if keep is not None:
+        first = keep.to(torch.uint8).argmax().reshape(1)  # argmax, not nonzero: no host sync
+    pivot = source.index_select(0, first).to(dtype)
+    blocks = [slice(None)] if uses_plain_formula((source,)) else row_blocks(source)
+    total = torch.zeros_like(pivot[0])
+    for block in blocks:
+        shifted = source[block].to(dtype) - pivot
+        if keep is not None:
+            shifted = torch.where(row_view(keep[block], shifted), shifted, 0)
+        total = total + shifted.sum(0)
+    if keep is None:
+        return pivot[0] + total / source.shape[0]
+    count = keep.sum(dtype=dtype)
+    return torch.where(count > 0, pivot[0] + total / count.clamp(min=1), 0)
+
+
+def _squared_deviation(source: Tensor, mean: Tensor, *, dtype: torch.dtype) -> Tensor:
+    return (source.to(dtype) - mean).square().sum(-1)
+
+
+SQUARED_DEVIATION = RowOp(_squared_deviation)
+
+
+def squared_error_sum(decoded: Tensor, source: Tensor, mask: Tensor | None) -> Tensor:
+    """``(*component)``: the squared error summed over the kept rows and the features."""
+    return row_term(L2, (decoded, source), reduce="sum", mask=mask) * decoded.shape[-1]
+
+
+def fvu_sums(decoded: Tensor, source: Tensor, mask: object) -> tuple[Tensor, Tensor, Tensor | int]:
+    """The FVU's numerator and denominator, ``(*component)``, and the number of kept rows.
+
+    The mean is detached: the derivative of the sum of squared deviations with respect to the
+    mean is exactly 0 (the deviations sum to 0), so it sends no gradient and needs no pass.
+    """
+    checked = check_mask(mask, decoded, weights_allowed=False)
+    dtype = accumulation_dtype(decoded.dtype, source.dtype)
+    mean = kept_mean(source, checked, dtype)
+    error = squared_error_sum(decoded, source, checked)
+    variance = row_term(SQUARED_DEVIATION, (source,), (mean,), reduce="sum", mask=checked)
+    count = source.shape[0] if checked is None else checked.sum()
+    return error, variance, count
+
+
+def ratio_of_sums(
+    numerator: Tensor, denominator: Tensor, count: Tensor | int, *, at_least: int = 2
+) -> Tensor:
+    """``numerator / denominator`` where ``count >= at_least`` rows count, NaN elsewhere.
+
+    The denominator is replaced by 1 where the result is NaN, so no ``0 * inf`` gradient leaks.
+    """
+    if isinstance(count, int):
+        ratio = numerator / denominator
+        return ratio if count >= at_least else torch.full_like(ratio, torch.nan)
+    enough = count >= at_least
+    return torch.where(enough, numerator / torch.where(enough, denominator, 1), torch.nan)
+
+
+def fraction_of_variance_unexplained(
+    decoded: Float[Tensor, "batch *component feature"],
+    source: Float[Tensor, "batch *component feature"],
+    *,
+    mask: Bool[Tensor, " batch"] | None = None,
+) -> Float[Tensor, "*component"]:
+    r"""The batch's fraction of variance unexplained (FVU), per component.
+
+    .. math::
+
+        \text{FVU}_c = \frac{\sum_b \sum_f (\hat{x}_{b,c,f} - x_{b,c,f})^2}
+                            {\sum_b \sum_f (x_{b,c,f} - \bar{x}_{c,f})^2},
+        \qquad \bar{x}_{c,f} = \frac{1}{B} \sum_b x_{b,c,f}
+
+    over the rows ``mask`` keeps (all rows without one). Explained variance is ``1 - FVU``. The
+    variance is taken about this batch's mean, in two passes (mean first), so a large offset
+    such as a massive-activation dimension does not cancel. For the FVU of a whole evaluation
+    set, stream it with :class:`StreamingFVU`, which uses the mean of every row.
+
+    It is differentiable in ``decoded`` and ``source`` (sparsify trains on this loss; AuxK losses
+    normalise by it), and saves nothing of size ``batch x feature`` beyond the inputs.
+
+    Shapes:
+        - ``decoded``, ``source``: ``(batch, *component, feature)``, identical shapes.
+        - ``mask``: ``(batch,)`` bool; masked rows may hold NaN.
+        - result: ``(*component)``, in the accumulation dtype (float32 for half inputs).
+
+    Edge cases: NaN when fewer than 2 rows count; ``+inf`` when the source has zero variance but
+    the error is positive (and NaN when both are 0).
+
+    Raises:
+        TypeError: an input is not a floating-point tensor, or ``mask`` is not bool.
+        ValueError: the shapes differ, an input has fewer than 2 dimensions or no features,
+            or ``mask`` is not ``(batch,)`` on the inputs' device.
+
+    Example:
+        >>> import torch
+        >>> from sae_losses import fraction_of_variance_unexplained
+        >>> source = torch.tensor([[1.0, 0.0], [3.0, 4.0]])  # mean (2, 2): variance 1+4+1+4 = 10
+        >>> decoded = torch.tensor([[1.0, 1.0], [3.0, 3.0]])  # squared error 1 + 1 = 2
+        >>> fraction_of_variance_unexplained(decoded, source)
+        tensor(0.2000)
+    """
+    decoded, source = check_pair(decoded, source)
+    error, variance, count = fvu_sums(decoded, source, mask)
+    return ratio_of_sums(error, variance, count)
