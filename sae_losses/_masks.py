@@ -8,7 +8,7 @@ any per-row tensor the shape ``(batch, 1, ..., 1)`` that broadcasts against an i
 import torch
 from torch import Tensor
 
-from sae_losses._checks import shape_str
+from sae_losses._checks import check_floating, shape_str
 
 __all__ = ["check_mask", "keep_of", "row_view"]
 
@@ -22,6 +22,8 @@ def check_mask(mask: object, like: Tensor, *, weights_allowed: bool = True) -> T
     if mask.dtype != torch.bool and not (weights_allowed and mask.is_floating_point()):
         kinds = "bool or floating (row weights)" if weights_allowed else "bool"
         raise TypeError(f"`mask` must be a {kinds} tensor, got dtype {mask.dtype}.")
+    if mask.is_floating_point():
+        check_floating("mask", mask)  # float8 weights
     if mask.shape != like.shape[:1]:
         raise ValueError(
             f"`mask` must have shape (batch,) = {shape_str(like.shape[:1])}, got {shape_str(mask)}."
