@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test lint typecheck bench bench-smoke demo clean
+.PHONY: test lint format typecheck bench bench-smoke demo clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,11 @@ $(STAMP): pyproject.toml constraints.txt
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# Rewrites files: formats them, then applies ruff's safe fixes. `make lint` checks the result.
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 # mypy --strict on the package, with [tool.mypy] in pyproject.toml. Its cache (.mypy_cache) also
 # makes tests/test_typing.py's two mypy runs take about a second each.
@@ -34,8 +39,18 @@ clean:
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
-# The full benchmark tables (about 10 minutes on 2 CPU cores); --quick is the CI smoke run.
+# The full benchmark tables (about 10 minutes on 2 CPU cores); see benchmarks/README.md.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py
 	$(BIN)/python benchmarks/bench_family.py
 	$(BIN)/python benchmarks/bench_eval.py
+
+# The same scripts at tiny sizes and 2 rounds (--quick), to check that they run; the figures mean
+# nothing. tests/test_examples.py runs the same smoke test inside `make test`.
+bench-smoke: $(STAMP)
+	$(BIN)/python benchmarks/bench.py --quick
+	$(BIN)/python benchmarks/bench_family.py --quick
+	$(BIN)/python benchmarks/bench_eval.py --quick
+
+# `make test-peers`: the real-peer conformance suite, one venv per peer (see peers/).
+-include peers/peers.mk

@@ -1,4 +1,9 @@
-"""Static types: a typed user script passes mypy --strict, and two wrong calls are rejected.
+"""Static types: a typed user script passes mypy --strict, and wrong calls are rejected.
+
+mypy's exit code is the verdict, not its message text, so no mypy version is pinned.
+``tests/typing/good_usage.py`` pins result types with ``assert_type``; each wrong call in
+``tests/typing/bad_usage.py`` carries ``# type: ignore[code]``, and ``warn_unused_ignores`` in
+``[tool.mypy]`` makes an ignore that no longer fires an error. So both scripts must pass.
 
 mypy runs with the project's ``[tool.mypy]`` configuration (strict) and its default cache, which
 ``make test``'s typecheck step has just filled, so each run here takes about a second (about 15 s
@@ -17,18 +22,6 @@ ROOT = Path(__file__).resolve().parent.parent
 GOOD = "tests/typing/good_usage.py"
 BAD = "tests/typing/bad_usage.py"
 
-# What mypy must say about each rejected line of bad_usage.py, keyed by a piece of that line.
-REJECTED = {
-    'reduce="avg"': (
-        'Argument "reduce" to "l2_reconstruction" has incompatible type "Literal[\'avg\']"; '
-        "expected \"Literal['none', 'mean', 'sum']\"  [arg-type]"
-    ),
-    "l1_absolute([1.0, 2.0])": (
-        'Argument 1 to "l1_absolute" has incompatible type "list[float]"; '
-        'expected "Tensor"  [arg-type]'
-    ),
-}
-
 
 def mypy(script: str) -> subprocess.CompletedProcess[str]:
     """One mypy run on one script, with the configuration in pyproject.toml."""
@@ -43,22 +36,15 @@ def mypy(script: str) -> subprocess.CompletedProcess[str]:
 
 def test_typed_training_step_and_eval_loop_pass_mypy_strict() -> None:
     result = mypy(GOOD)
-    assert result.stdout == "Success: no issues found in 1 source file\n", result.stdout
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_reduce_typo_and_list_argument_are_rejected() -> None:
+def test_each_wrong_call_is_rejected_with_its_error_code() -> None:
+    # Every `# type: ignore[code]` must be used: warn_unused_ignores fails the run otherwise.
+    ignores = re.findall(r"# type: ignore\[[a-z-]+\]", (ROOT / BAD).read_text())
+    assert len(ignores) >= 2, ignores
     result = mypy(BAD)
-    lines = (ROOT / BAD).read_text().splitlines()
-    expected = []
-    for needle, message in REJECTED.items():
-        (number,) = [i for i, line in enumerate(lines, start=1) if needle in line]
-        expected.append(f"{BAD}:{number}: error: {message}")
-    assert result.stdout.splitlines() == [
-        *expected,
-        "Found 2 errors in 1 file (checked 1 source file)",
-    ], result.stdout
-    assert result.returncode == 1, result.stderr
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_typed_usage_script_runs(capsys: pytest.CaptureFixture[str]) -> None:

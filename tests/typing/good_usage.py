@@ -1,7 +1,10 @@
 """A typed user script: an SAE training step and an evaluation loop on the public API.
 
 It is not a test module (pytest does not collect it). ``tests/test_typing.py`` checks it with mypy
-in the project's strict configuration and expects no error, and also runs it once.
+in the project's strict configuration and expects no error (exit code 0), and also runs it once.
+Each ``assert_type`` pins the type a result must have; mypy fails when it differs.
+``typing_extensions.assert_type`` is ``typing.assert_type`` (3.11+) for Python 3.10, the version
+the mypy configuration targets.
 """
 
 from collections.abc import Iterable
@@ -38,8 +41,10 @@ def objective(
     """L2 reconstruction plus the decoder-norm-weighted L1 of the latents."""
     learned = sae.encode(source)
     decoder_norms = sae.decoder.weight.norm(dim=0)  # (d_sae,): one norm per latent
-    reconstruction = l2_reconstruction(sae.decode(learned), source, reduce=reduce)
-    sparsity = l1_absolute(learned, weight=decoder_norms, reduce=reduce)
+    reconstruction = assert_type(
+        l2_reconstruction(sae.decode(learned), source, reduce=reduce), Tensor
+    )
+    sparsity = assert_type(l1_absolute(learned, weight=decoder_norms, reduce=reduce), Tensor)
     return reconstruction + l1_coefficient * sparsity
 
 
@@ -54,7 +59,10 @@ def training_step(
 
 
 def evaluate(sae: SparseAutoencoder, batches: Iterable[Tensor]) -> dict[str, float]:
-    metrics: dict[str, StreamingMean] = {"l2": StreamingMean.empty(), "l1": StreamingMean.empty()}
+    metrics = {"l2": StreamingMean.empty(), "l1": StreamingMean.empty()}
+    assert_type(metrics["l2"].update(torch.zeros(2), mask=None), StreamingMean)
+    assert_type(metrics["l2"].merge(metrics["l1"]), StreamingMean)
+    assert_type(metrics["l2"].compute(), Tensor)
     summed_l2 = torch.zeros((), dtype=torch.float64)
     with torch.no_grad():
         for source in batches:
