@@ -7,7 +7,7 @@ from sae_losses._counts import jumprelu_l0, l0_norm
 from sae_losses._distributed import PendingAllReduce, all_reduce
 from sae_losses._fused import fused_l1_absolute, fused_l2_reconstruction
 from sae_losses._fvu import fraction_of_variance_unexplained
-from sae_losses._penalties import l1_absolute, lp_sparsity
+from sae_losses._penalties import l1_absolute, lp_sparsity, tanh_sparsity
 from sae_losses._reconstruction import l2_reconstruction
 from sae_losses._streaming import StreamingMean
 from sae_losses._streaming_fvu import StreamingFVU
@@ -27,4 +27,5 @@ __all__ = [
     "l1_absolute",
     "l2_reconstruction",
     "lp_sparsity",
+    "tanh_sparsity",
 ]
