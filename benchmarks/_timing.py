@@ -8,10 +8,16 @@ unfair to whoever runs after the biggest allocation. On CUDA every block is sync
 
 import random
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+# The suite's saved-tensor probe, so the benchmarks and the tests measure saved bytes one way.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import saved_bytes_beyond_inputs
 
 __all__ = ["Timer", "backward_of", "saved_bytes_beyond_inputs", "table"]
 
@@ -47,20 +53,6 @@ def backward_of(loss_fn: Callable[..., torch.Tensor], wrt: torch.Tensor, *args: 
         torch.autograd.grad(loss_fn(*args), wrt)
 
     return run
-
-
-def saved_bytes_beyond_inputs(run: Callable[[], torch.Tensor], inputs: list[torch.Tensor]) -> int:
-    """Bytes that autograd saves for backward, not counting tensors that are the inputs."""
-    saved: list[torch.Tensor] = []
-
-    def pack(tensor):
-        saved.append(tensor)
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        run()
-    input_pointers = {t.data_ptr() for t in inputs}
-    return sum(t.numel() * t.element_size() for t in saved if t.data_ptr() not in input_pointers)
 
 
 def table(title: str, results: dict[str, float], floor: str | None, seed: str | None) -> list[str]:

@@ -84,6 +84,7 @@ class Op:
     compiles: bool = False  # runs torch.compile-generated kernels (Triton on CUDA)
     step_path: bool = True  # part of a training or evaluation step: must not sync with the host
     bench: bool = True  # timed in the bandwidth section
+    half_result: bool = False  # returns activations in the input dtype (auxk_reconstruction)
     bench_grad: tuple[str, ...] | None = None  # inputs differentiated there (default: grad)
     floor: tuple[str, ...] | None = None  # the inputs of the read floor (default: batched ones)
 
@@ -187,6 +188,62 @@ OPS: list[Op] = [
        make=lambda g: {"d": g.act("d"), "s": g.act("s"), "keep": g.keep("keep")},
        call=lambda t: streaming_fvu(t["d"], t["s"], t["keep"]), floor=("d", "s"),
        formula=lambda t: streaming_fvu_ref(t["d"], t["s"], t["keep"])),
+    Op("cosine_similarity", ("cosine_similarity",),
+       make=lambda g: {"d": g.act("d"), "s": g.act("s")},
+       call=lambda t: sl.cosine_similarity(t["d"], t["s"]),
+       grad=("d", "s"),
+       formula=lambda t: reduce_ref(cosine_rows(t["d"], t["s"]), "mean")),
+    Op("cosine_similarity(reduce='none', mask=bool)", ("cosine_similarity",), bench=False,
+       make=lambda g: {"d": g.act("d"), "s": g.act("s"), "keep": g.keep("keep")},
+       call=lambda t: sl.cosine_similarity(t["d"], t["s"], reduce="none", mask=t["keep"]),
+       grad=("d", "s"),
+       formula=lambda t: reduce_ref(cosine_rows(t["d"], t["s"]), "none", t["keep"])),
+    Op("l2_norm_ratio(mask=weights)", ("l2_norm_ratio",),
+       make=lambda g: {"d": g.act("d"), "s": g.act("s"), "w": g.weights("w")},
+       call=lambda t: sl.l2_norm_ratio(t["d"], t["s"], mask=t["w"]),
+       grad=("d", "s"),
+       formula=lambda t: reduce_ref(t["d"].norm(dim=-1) / t["s"].norm(dim=-1), "mean", t["w"])),
+    Op("StreamingReconstructionBias: update (and mask=bool), merge, compute",
+       ("StreamingReconstructionBias",),
+       make=lambda g: {"d": g.act("d"), "s": g.act("s"), "keep": g.keep("keep")},
+       call=lambda t: streaming_bias(t["d"], t["s"], t["keep"]), floor=("d", "s"),
+       formula=lambda t: streaming_bias_ref(t["d"], t["s"], t["keep"])),
+    Op("StreamingSpliceScores: update (mask=, kl_mask=), merge, compute",
+       ("StreamingSpliceScores",),
+       make=lambda g: {"clean": g.act("clean", flat=True), "noise": g.act("noise", flat=True),
+                       "keep": g.keep("keep")},
+       call=lambda t: splice_scores(t["clean"], t["noise"], t["keep"]),
+       floor=("clean", "noise"),
+       formula=lambda t: splice_scores_ref(t["clean"], t["noise"], t["keep"])),
+    Op("auxk_reconstruction(k_aux=8)", ("auxk_reconstruction",), make=lambda g: auxk_inputs(g),
+       half_result=True,
+       call=lambda t: sl.auxk_reconstruction(t["pre"], t["dead"], t["w"], k_aux=8),
+       grad=("pre", "w"), floor=("pre",),
+       formula=lambda t: auxk_e_hat_ref(t["pre"], t["dead"], t["w"], 8)),
+    Op("auxk_loss(k_aux=8, mask=bool)", ("auxk_loss",), make=lambda g: auxk_inputs(g, keep=True),
+       call=lambda t: sl.auxk_loss(t["pre"], t["dead"], t["w"], t["e"], k_aux=8, mask=t["keep"]),
+       grad=("pre", "w"), floor=("pre",),
+       formula=lambda t: fvu_ref(auxk_e_hat_ref(t["pre"], t["dead"], t["w"], 8), t["e"],
+                                 t["keep"])),
+    Op("matryoshka_l2(4 nested widths, decoder_bias=, mask=weights)", ("matryoshka_l2",),
+       make=lambda g: {"z": g.act("z", flat=True).relu(), "w": g.grid("w", shape=(g.feature, 16)),
+                       "x": g.grid("x", shape=(g.batch, 16)), "b": g.grid("b", shape=(16,)),
+                       "mw": g.weights("mw")},
+       call=lambda t: sl.matryoshka_l2(t["z"], t["w"], t["x"], widths=nested_widths(t["z"]),
+                                       decoder_bias=t["b"], mask=t["mw"]),
+       grad=("z", "w", "x", "b"), floor=("z", "x"),
+       formula=lambda t: reduce_ref(matryoshka_rows(t["z"], t["w"], t["x"], t["b"]), "mean",
+                                    t["mw"])),
+    Op("cross_entropy", ("cross_entropy",),
+       make=lambda g: {"z": g.act("z"), "u": g.act("u")},
+       call=lambda t: sl.cross_entropy(t["z"], t["u"].argmax(-1)),
+       grad=("z",),
+       formula=lambda t: reduce_ref(ce_rows(t["z"], t["u"].argmax(-1)), "mean")),
+    Op("kl_divergence", ("kl_divergence",),
+       make=lambda g: {"r": g.act("r"), "z": g.act("z")},
+       call=lambda t: sl.kl_divergence(t["r"], t["z"]),
+       grad=("r", "z"),
+       formula=lambda t: reduce_ref(kl_rows(t["r"], t["z"]), "mean")),
     Op("all_reduce on a world of 1 (and async_op=True)", ("all_reduce", "PendingAllReduce"),
        make=lambda g: {"v": g.per_row("v"), "d": g.act("d"), "s": g.act("s")},
        call=lambda t: all_reduced(t["v"], t["d"], t["s"]),
@@ -196,7 +253,10 @@ OPS: list[Op] = [
 # fmt: on
 
 # Names of sae_losses.__all__ that are not ops, so they need no row.
-NOT_OPS = {"__version__": "the version string"}
+NOT_OPS = {
+    "__version__": "the version string",
+    "TokensSinceFired": "integer state; its update is checked in tests/test_dead_latents.py",
+}
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 DTYPES = (torch.float32, torch.bfloat16)
@@ -380,6 +440,98 @@ def streaming_fvu_ref(d: torch.Tensor, s: torch.Tensor, keep: torch.Tensor) -> O
         (dk - sk).square().sum(0).sum(-1),
         torch.tensor(sk.shape[0]),
     )
+
+
+def auxk_inputs(g, *, keep=False):
+    """Distinct pre-activations on the 1/16 grid (exact in bf16 while feature <= 512, so no tie
+    flips the top-k between device and reference), ~half dead, a (feature, 16) decoder."""
+
+    def pre():
+        ranks = g._random((g.batch, g.feature), normal=False).argsort(-1) - g.feature // 2
+        return (ranks / 16).to(g.dtype)
+
+    t = {
+        "pre": g._memoised("auxk_pre", (g.batch, g.feature), pre),
+        "dead": g._memoised(
+            "auxk_dead", (g.feature,), lambda: g._random((g.feature,), normal=False) < 0.5
+        ),
+        "w": g._memoised("auxk_w", (g.feature, 16), lambda: g._random((g.feature, 16)) / 4),
+        "e": g._memoised("auxk_e", (g.batch, 16), lambda: g._random((g.batch, 16))),
+    }
+    return {**t, "keep": g.keep("keep")} if keep else t
+
+
+def auxk_e_hat_ref(pre, dead, w, k):
+    v, i = torch.where(dead, pre, -torch.inf).topk(k, dim=-1)
+    return torch.zeros_like(pre).scatter(1, i, torch.where(dead[i], v.relu(), 0)) @ w
+
+
+def nested_widths(z):
+    d_sae = z.shape[-1]
+    return sorted({max(1, d_sae // 8), max(1, d_sae // 4), max(1, d_sae // 2), d_sae})
+
+
+def matryoshka_rows(z, w, x, b):
+    return torch.stack([(b + z[:, :k] @ w[:k] - x).square().mean(-1) for k in nested_widths(z)], -1)
+
+
+def ce_rows(z, targets):
+    return torch.logsumexp(z, -1) - z.gather(-1, targets[..., None])[..., 0]
+
+
+def kl_rows(r, z):
+    p = torch.log_softmax(r, -1)
+    return (p.exp() * (p - torch.log_softmax(z, -1))).sum(-1)
+
+
+def cosine_rows(d: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The textbook per-row cosine."""
+    return (d * s).sum(-1) / (d.norm(dim=-1) * s.norm(dim=-1))
+
+
+def streaming_bias(d: torch.Tensor, s: torch.Tensor, keep: torch.Tensor) -> Outputs:
+    half = _split(s.shape[0])
+    empty = sl.StreamingReconstructionBias.empty(s.shape[1:-1], device=s.device)
+    merged = empty.update(d[:half], s[:half]).merge(
+        empty.update(d[half:], s[half:], mask=keep[half:])
+    )
+    return merged.compute(), merged.squared_norm, merged.inner_product, merged.count
+
+
+def streaming_bias_ref(d: torch.Tensor, s: torch.Tensor, keep: torch.Tensor) -> Outputs:
+    half = _split(s.shape[0])
+    rows = torch.cat([torch.ones(half, dtype=torch.bool, device=keep.device), keep[half:]])
+    dk, sk = d[rows], s[rows]
+    squared, inner = dk.square().sum(-1).sum(0), (dk * sk).sum(-1).sum(0)
+    return squared / inner, squared, inner, torch.tensor(dk.shape[0])
+
+
+def splice_runs(clean: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(clean, spliced, ablated, targets): spliced = clean + noise / 2, ablated = noise."""
+    return clean, clean + 0.5 * noise, noise, clean.argmax(-1)
+
+
+def splice_scores(clean: torch.Tensor, noise: torch.Tensor, keep: torch.Tensor) -> Outputs:
+    *runs, targets = splice_runs(clean, noise)
+    half = _split(clean.shape[0])
+    empty = sl.StreamingSpliceScores.empty(device=clean.device)
+    first = empty.update(*(x[:half] for x in runs), targets[:half])
+    second = empty.update(
+        *(x[half:] for x in runs), targets[half:], mask=keep[half:], kl_mask=~keep[half:]
+    )
+    return tuple(first.merge(second).compute().values())
+
+
+def splice_scores_ref(clean: torch.Tensor, noise: torch.Tensor, keep: torch.Tensor) -> Outputs:
+    """The five means over their kept rows, then the two scores, from log_softmax."""
+    *runs, targets = splice_runs(clean, noise)
+    half = _split(clean.shape[0])
+    first = torch.ones(half, dtype=torch.bool, device=keep.device)
+    ce_rows, kl_rows = torch.cat([first, keep[half:]]), torch.cat([first, ~keep[half:]])
+    ce = [-x.log_softmax(-1).gather(-1, targets[:, None])[:, 0][ce_rows].mean() for x in runs]
+    log_p = runs[0].log_softmax(-1)
+    kl = [(log_p.exp() * (log_p - x.log_softmax(-1))).sum(-1)[kl_rows].mean() for x in runs[1:]]
+    return (*ce, *kl, (ce[2] - ce[1]) / (ce[2] - ce[0]), (kl[1] - kl[0]) / kl[1])
 
 
 @contextlib.contextmanager
@@ -602,7 +754,7 @@ def check_op(
         formula_out = as_tuple(op.formula(ref)) if op.formula else None
 
         problems = [f"an output is on {o.device}" for o in out if o.device != device]
-        if out[0].dtype in (torch.float16, torch.bfloat16):
+        if out[0].dtype in (torch.float16, torch.bfloat16) and not op.half_result:
             problems.append(f"the result is {dtype_name(out[0].dtype)}, not float32")
         if op.grad_free and out[0].requires_grad:
             problems.append("the result requires grad")

@@ -1,24 +1,30 @@
-"""Evaluate a trained SAE on held-out activations: every metric streamed, one collective.
+"""Evaluate an SAE spliced into a language model: SAEBench's core metrics, streamed, one collective.
 
     python examples/evaluate.py                             # one process
     torchrun --nproc-per-node 2 examples/evaluate.py        # two processes, gloo: same numbers
-    python examples/evaluate.py --checkpoint out/ddp_sae.pt # the SAE `make demo` trained
 
-The SAE is the toy one of examples/demo.py: trained here in a few seconds with a fixed seed, in
-one thread, so every rank holds the same weights (or loaded from a demo checkpoint). The held-out
-rows come in chunks of uneven sizes; rank r evaluates chunks r, r + world_size, ..., so the ranks
-see different numbers of rows. Each rank streams its rows into one dict of accumulators:
+A tiny transformer (examples/tiny_lm.py) is trained here for a few seconds on a synthetic
+language, then an SAE on its residual stream at the hook point after its block. Both train in
+one thread from fixed seeds, so every rank holds bit-identical weights. The held-out sequences
+come in chunks of uneven sizes; rank r evaluates chunks r, r + world_size, ..., so the ranks see
+different numbers of tokens. Each chunk runs the model three times: clean, with the SAE's
+reconstruction spliced in at the hook, and with the hook zero-ablated.
 
-    mse                 StreamingMean of l2_reconstruction(..., reduce="none")  (mean over features)
-    fvu                 StreamingFVU: Σ‖x - x̂‖² / Σ‖x - x̄‖², x̄ the mean of all held-out rows
-    l0, l1              StreamingMean of l0_norm / l1_absolute(..., reduce="none")
-    density             StreamingMean.empty((d_sae,)).update(learned > 0): firing frequencies
-    decoded_sq, inner   StreamingMeans of ‖x̂‖² and ⟨x, x̂⟩ per row, for the reconstruction bias
-    cosine              StreamingMean of per-row cos(x̂, x), over rows with x ≠ 0
+The token rule: BOS is left out everywhere. The SAE is spliced, and the hook ablated, at every
+other position; the reconstruction metrics are over those positions' residuals; the CE and KL
+terms score the predictions made from them (of tokens 2..n): one token set for all five terms.
+Each rank streams its chunks into one dict of accumulators:
+
+    mse, l0, l1, cosine, l2_ratio   StreamingMean of the per-row term (reduce="none")
+    fvu                             StreamingFVU: about the mean of every held-out residual
+    density                         StreamingMean.empty((d_sae,)).update(latents != 0)
+    bias                            StreamingReconstructionBias: E|x̂|² / E<x, x̂>
+    splice                          StreamingSpliceScores: the CE-loss and KL scores
 
 and one all_reduce call combines the whole dict across ranks. Rank 0 prints one line per metric
 (10 significant digits), writes them in full precision to evaluate_metrics.json, and plots the
 log10 firing frequency of every latent to feature_density.png, dead latents as a separate bar.
+docs/evaluation.md gives each number's definition here and in SAEBench.
 """
 
 import argparse
@@ -33,68 +39,75 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo import SparseAutoencoder, ToySuperposition, positive_float, positive_int
+from demo import SparseAutoencoder, positive_float, positive_int
+from tiny_lm import SyntheticLanguage, TinyTransformer, train_language_model
 
 from sae_losses import (
     StreamingFVU,
     StreamingMean,
+    StreamingReconstructionBias,
+    StreamingSpliceScores,
     all_reduce,
+    cosine_similarity,
     l0_norm,
     l1_absolute,
+    l2_norm_ratio,
     l2_reconstruction,
 )
 
-HELD_OUT_OFFSET = 20_000_000  # batch indices of held-out rows: disjoint from training steps
+HELD_OUT_OFFSET = 20_000_000  # batch indices of held-out sequences: disjoint from training
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=positive_int, default=8192, help="held-out rows")
-    parser.add_argument("--chunk", type=positive_int, default=512, help="largest eval chunk")
-    parser.add_argument("--steps", type=positive_int, default=1000, help="training steps")
-    parser.add_argument("--batch-size", type=positive_int, default=256, help="training rows/step")
-    parser.add_argument("--d-model", type=positive_int, default=32, help="activation dimension")
-    parser.add_argument("--n-features", type=positive_int, default=64, help="true features")
+    parser.add_argument("--sequences", type=positive_int, default=192, help="held-out sequences")
+    parser.add_argument("--chunk", type=positive_int, default=32, help="largest eval chunk")
+    parser.add_argument("--length", type=positive_int, default=24, help="tokens per sequence")
+    parser.add_argument("--vocab", type=positive_int, default=16, help="synthetic vocabulary")
+    parser.add_argument("--d-model", type=positive_int, default=32, help="residual width")
     parser.add_argument("--d-sae", type=positive_int, default=128, help="SAE latents")
-    parser.add_argument("--sparsity", type=positive_float, default=0.03, help="P(feature on)")
-    parser.add_argument("--l1-coefficient", type=positive_float, default=3e-3)
-    parser.add_argument("--lr", type=positive_float, default=1e-2)
+    parser.add_argument("--lm-steps", type=positive_int, default=300, help="LM training steps")
+    parser.add_argument("--sae-steps", type=positive_int, default=600, help="SAE training steps")
+    parser.add_argument("--l1-coefficient", type=positive_float, default=5e-2)
+    parser.add_argument("--lr", type=positive_float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bins", type=positive_int, default=30, help="histogram bins")
-    parser.add_argument(
-        "--checkpoint", type=Path, help="an SAE state dict to evaluate (e.g. out/ddp_sae.pt)"
-    )
     parser.add_argument(
         "--out-dir", type=Path, default=Path("out"), help="plot and metrics go here"
     )
     args = parser.parse_args(argv)
-    if args.d_model >= args.n_features:
-        parser.error("a toy model of superposition needs --d-model < --n-features")
-    if not args.sparsity < 1:
-        parser.error(f"--sparsity is a probability below 1, got {args.sparsity}")
-    if args.rows < 2:
-        parser.error(f"--rows must be at least 2 for a variance, got {args.rows}")
-    if args.checkpoint is not None and not args.checkpoint.is_file():
-        parser.error(f"--checkpoint {args.checkpoint} is not a file")
+    if args.length < 4:
+        parser.error(f"--length must be at least 4 (BOS, context, predictions), got {args.length}")
+    if args.vocab < 3:
+        parser.error(f"--vocab must be at least 3 (BOS and two tokens), got {args.vocab}")
     return args
 
 
-def trained_sae(args: argparse.Namespace, data: ToySuperposition) -> SparseAutoencoder:
-    """The demo's SAE, from a checkpoint or trained here: the same weights on every rank."""
+def residuals(model: TinyTransformer, tokens: torch.Tensor) -> torch.Tensor:
+    """The hook point's activations at every position but BOS, as rows: ``(tokens, d_model)``."""
+    return model.residual(tokens)[:, 1:].flatten(0, 1)
+
+
+def trained_models(
+    args: argparse.Namespace,
+) -> tuple[SyntheticLanguage, TinyTransformer, SparseAutoencoder]:
+    """The language, the language model and the SAE: the same weights on every rank."""
+    language = SyntheticLanguage(args.vocab, args.seed)
+    model = train_language_model(
+        language, d_model=args.d_model, length=args.length, steps=args.lm_steps, seed=args.seed
+    )
     sae = SparseAutoencoder(args.d_model, args.d_sae, args.seed)
-    if args.checkpoint is not None:
-        sae.load_state_dict(torch.load(args.checkpoint, weights_only=True))
-        return sae
     optimizer = torch.optim.Adam(sae.parameters(), lr=args.lr)
-    for step in range(args.steps):
-        source = data.batch(step, args.batch_size)
+    for step in range(args.sae_steps):
+        with torch.no_grad():
+            source = residuals(model, language.batch(10_000_000 + step, 16, args.length))
         learned, decoded = sae(source)
         loss = l2_reconstruction(decoded, source) + args.l1_coefficient * l1_absolute(learned)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         sae.normalise_decoder()
-    return sae
+    return language, model, sae
 
 
 def chunk_sizes(rows: int, largest: int) -> list[int]:
@@ -113,38 +126,55 @@ def empty_metrics(d_model: int, d_sae: int) -> dict:
         "l0": StreamingMean.empty(),
         "l1": StreamingMean.empty(),
         "density": StreamingMean.empty((d_sae,)),
-        "decoded_sq": StreamingMean.empty(),
-        "inner": StreamingMean.empty(),
         "cosine": StreamingMean.empty(),
+        "l2_ratio": StreamingMean.empty(),
+        "bias": StreamingReconstructionBias.empty(),
+        "splice": StreamingSpliceScores.empty(),
     }
 
 
+def three_runs(model, sae, tokens):
+    """Clean, spliced and zero-ablated logits of the scored predictions, and their targets."""
+    resid = model.residual(tokens)
+    source = resid[:, 1:].flatten(0, 1)
+    learned, decoded = sae(source)
+    spliced, ablated = resid.clone(), resid.clone()
+    spliced[:, 1:] = decoded.reshape(resid[:, 1:].shape)
+    ablated[:, 1:] = 0
+    # Predictions made from positions 1 .. n-1 (not BOS) of the tokens 2 .. n.
+    logits = [model.logits(r)[:, 1:-1].flatten(0, 1) for r in (resid, spliced, ablated)]
+    return source, learned, decoded, logits, tokens[:, 2:].flatten()
+
+
 @torch.no_grad()
-def update_metrics(metrics: dict, learned: torch.Tensor, decoded: torch.Tensor, source):
-    """Add one chunk of rows to every accumulator; return the new dict."""
-    nonzero = source.norm(dim=-1) > 0  # cos(x̂, 0) is undefined: those rows are masked out
-    cosine = torch.nn.functional.cosine_similarity(decoded, source, dim=-1)
+def update_metrics(metrics: dict, model, sae, tokens: torch.Tensor) -> dict:
+    """Add one chunk of sequences to every accumulator; return the new dict."""
+    source, learned, decoded, (clean, spliced, ablated), targets = three_runs(model, sae, tokens)
+    nonzero = source.norm(dim=-1) > 0  # cos(x̂, 0) and |x̂| / 0 are undefined: masked out
     return {
         "mse": metrics["mse"].update(l2_reconstruction(decoded, source, reduce="none")),
         "fvu": metrics["fvu"].update(decoded, source),
         "l0": metrics["l0"].update(l0_norm(learned, reduce="none")),
         "l1": metrics["l1"].update(l1_absolute(learned, reduce="none")),
-        "density": metrics["density"].update(learned > 0),
-        "decoded_sq": metrics["decoded_sq"].update(decoded.square().sum(-1)),
-        "inner": metrics["inner"].update((decoded * source).sum(-1)),
-        "cosine": metrics["cosine"].update(cosine, mask=nonzero),
+        "density": metrics["density"].update(learned != 0),
+        "cosine": metrics["cosine"].update(
+            cosine_similarity(decoded, source, reduce="none", mask=nonzero), mask=nonzero
+        ),
+        "l2_ratio": metrics["l2_ratio"].update(
+            l2_norm_ratio(decoded, source, reduce="none", mask=nonzero), mask=nonzero
+        ),
+        "bias": metrics["bias"].update(decoded, source),
+        "splice": metrics["splice"].update(clean, spliced, ablated, targets),
     }
 
 
-def evaluate(sae, data, args, *, rank: int = 0, world_size: int = 1) -> dict:
-    """Stream this rank's chunks of held-out rows, then combine every rank's in one collective."""
+def evaluate(language, model, sae, args, *, rank: int = 0, world_size: int = 1) -> dict:
+    """Stream this rank's chunks of held-out sequences, then combine every rank's, once."""
     metrics = empty_metrics(args.d_model, args.d_sae)
-    sizes = chunk_sizes(args.rows, args.chunk)
-    with torch.no_grad():
-        for index in range(rank, len(sizes), world_size):  # this rank's shard
-            source = data.batch(HELD_OUT_OFFSET + index, sizes[index])
-            learned, decoded = sae(source)
-            metrics = update_metrics(metrics, learned, decoded, source)
+    sizes = chunk_sizes(args.sequences, args.chunk)
+    for index in range(rank, len(sizes), world_size):  # this rank's shard
+        tokens = language.batch(HELD_OUT_OFFSET + index, sizes[index], args.length)
+        metrics = update_metrics(metrics, model, sae, tokens)
     # Every rank makes this call once, with the same tree: one all_gather for all of it.
     return all_reduce(metrics)
 
@@ -153,43 +183,57 @@ def summarise(metrics: dict, d_model: int) -> dict:
     """The reported numbers (Python floats and ints) from the combined accumulators."""
     density = metrics["density"].compute()
     mse = metrics["mse"].compute().item()
+    splice = {key: value.item() for key, value in metrics["splice"].compute().items()}
     return {
-        "rows": metrics["mse"].count.item(),
+        "tokens": metrics["mse"].count.item(),
         "mse": mse,
         "mse_saelens": mse * d_model,
         "fvu": metrics["fvu"].compute().item(),
         "explained_variance": metrics["fvu"].explained_variance().item(),
+        "cosine_similarity": metrics["cosine"].compute().item(),
+        "l2_norm_ratio": metrics["l2_ratio"].compute().item(),
+        "relative_reconstruction_bias": metrics["bias"].compute().item(),
         "l0": metrics["l0"].compute().item(),
         "l1": metrics["l1"].compute().item(),
         "dead_latents": int((density == 0).sum()),
-        "dead_fraction": (density == 0).double().mean().item(),
-        "relative_reconstruction_bias": (
-            metrics["decoded_sq"].compute() / metrics["inner"].compute()
-        ).item(),
-        "cosine_similarity": metrics["cosine"].compute().item(),
-        "cosine_rows": metrics["cosine"].count.item(),
+        "frac_alive": (density > 0).double().mean().item(),
+        "freq_over_1_percent": (density > 0.01).double().mean().item(),
+        "freq_over_10_percent": (density > 0.1).double().mean().item(),
+        "scored_predictions": metrics["splice"].count.item(),
+        **splice,
         "density": density.tolist(),
     }
 
 
 LABELS = {
-    "rows": "held-out rows",
+    "tokens": "held-out tokens (BOS left out)",
     "mse": "MSE, mean over features (ours)",
     "mse_saelens": "MSE, sum over features (SAELens)",
     "fvu": "FVU",
     "explained_variance": "explained variance (1 - FVU)",
-    "l0": "L0 (active latents per row)",
-    "l1": "L1 (sum of |latents| per row)",
-    "dead_latents": "dead latents (never fired)",
-    "dead_fraction": "dead fraction",
+    "cosine_similarity": "cosine similarity",
+    "l2_norm_ratio": "L2 norm ratio |x_hat| / |x|",
     "relative_reconstruction_bias": "relative reconstruction bias",
-    "cosine_similarity": "cosine similarity (rows x != 0)",
+    "l0": "L0 (active latents per token)",
+    "l1": "L1 (sum of |latents| per token)",
+    "dead_latents": "dead latents (never fired)",
+    "frac_alive": "frac_alive",
+    "freq_over_1_percent": "latents firing on > 1% of tokens",
+    "freq_over_10_percent": "latents firing on > 10% of tokens",
+    "scored_predictions": "scored predictions",
+    "ce_clean": "CE, clean",
+    "ce_spliced": "CE, SAE spliced in",
+    "ce_ablated": "CE, zero-ablated",
+    "ce_loss_score": "CE loss score",
+    "kl_spliced": "KL, SAE spliced in",
+    "kl_ablated": "KL, zero-ablated",
+    "kl_div_score": "KL divergence score",
 }
 
 
 def metric_lines(result: dict) -> list[str]:
     """One line per metric: the name, then the value to 10 significant digits."""
-    return [f"{label:<34}{result[key]:.10g}" for key, label in LABELS.items()]
+    return [f"{label:<36}{result[key]:.10g}" for key, label in LABELS.items()]
 
 
 def plot_density(density: list[float], rows: int, bins: int, path: Path) -> None:
@@ -230,22 +274,21 @@ def main(argv: list[str] | None = None) -> dict:
         # launcher sets OMP_NUM_THREADS to.
         torch.set_num_threads(1)
         start = time.perf_counter()
-        data = ToySuperposition(args)
-        sae = trained_sae(args, data)
-        metrics = evaluate(sae, data, args, rank=rank, world_size=world_size)
+        language, model, sae = trained_models(args)
+        metrics = evaluate(language, model, sae, args, rank=rank, world_size=world_size)
         result = summarise(metrics, args.d_model)
         seconds = time.perf_counter() - start
         if rank == 0:
-            sizes = chunk_sizes(args.rows, args.chunk)
+            sizes = chunk_sizes(args.sequences, args.chunk)
             shards = [sum(sizes[r::world_size]) for r in range(world_size)]
             print(
-                f"world_size={world_size} rows per rank={shards} d_model={args.d_model} "
-                f"d_sae={args.d_sae} ({seconds:.1f}s for the SAE and the evaluation)"
+                f"world_size={world_size} sequences per rank={shards} d_model={args.d_model} "
+                f"d_sae={args.d_sae} ({seconds:.1f}s to train the LM and the SAE and evaluate)"
             )
             print("\n".join(metric_lines(result)))
             args.out_dir.mkdir(parents=True, exist_ok=True)
             plot_path = args.out_dir / "feature_density.png"
-            plot_density(result["density"], result["rows"], args.bins, plot_path)
+            plot_density(result["density"], result["tokens"], args.bins, plot_path)
             (args.out_dir / "evaluate_metrics.json").write_text(json.dumps(result, indent=1))
             print(f"Feature-density histogram: {plot_path}")
         return result

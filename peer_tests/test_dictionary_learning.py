@@ -37,8 +37,8 @@ from dictionary_learning.trainers.jumprelu import JumpReluTrainer, StepFunction
 from dictionary_learning.trainers.p_anneal import PAnnealTrainer
 from dictionary_learning.trainers.standard import StandardTrainer, StandardTrainerAprilUpdate
 from dictionary_learning.trainers.top_k import TopKTrainer
-from peer_support import F64, close, close_grads, differ, grads, randn
 
+from peer_support import F64, close, close_grads, differ, grads, randn
 from sae_losses import (
     fraction_of_variance_unexplained,
     jumprelu_l0,

@@ -23,7 +23,6 @@ from importlib.metadata import version
 
 import pytest
 import torch
-from peer_support import F32, F64, close, close_grads, differ, grads, randn
 from sae_lens.evals import ExplainedVarianceCalculator, get_sparsity_and_variance_metrics
 from sae_lens.saes import (
     BatchTopKTrainingSAE,
@@ -43,6 +42,7 @@ from sae_lens.saes.jumprelu_sae import Step
 from sae_lens.saes.sae import SAEMetadata, TrainStepInput
 from sae_lens.training.activation_scaler import ActivationScaler
 
+from peer_support import F32, F64, close, close_grads, differ, grads, randn
 from sae_losses import (
     StreamingFVU,
     StreamingMean,

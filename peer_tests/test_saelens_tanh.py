@@ -8,9 +8,9 @@ JumpReLU straight-through estimator carries that to the threshold.
 """
 
 import torch
-from peer_support import F64, close, close_grads, differ, grads
 from test_saelens import activations, jumprelu_sae, step_input
 
+from peer_support import F64, close, close_grads, differ, grads
 from sae_losses import l1_absolute, tanh_sparsity
 
 

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from peer_support import F32, F64, close, close_grads, randn
 
+from peer_support import F32, F64, close, close_grads, randn
 from sae_losses import l0_norm, l1_absolute, l2_reconstruction
 
 SPEC = importlib.util.find_spec("sparse_autoencoder")  # finds the package, does not import it

@@ -19,10 +19,10 @@ from importlib.metadata import version
 
 import pytest
 import torch
-from peer_support import F32, F64, close, close_grads, differ, randn
 from sparsify import SparseCoder, SparseCoderConfig, TrainConfig, Trainer
 from sparsify.sparse_coder import decoder_impl
 
+from peer_support import F32, F64, close, close_grads, differ, randn
 from sae_losses import fraction_of_variance_unexplained
 
 D_IN, LATENTS, K = 8, 32, 4

@@ -4,15 +4,18 @@ An accumulator is a frozen dataclass of tensor fields (float64 statistics and an
 with ``merge`` as its combining law. This base gives it:
 
 - checks on every path that builds one: the dataclass constructor, :meth:`from_state_dict` and
-  unpickling check dtypes, shapes and devices, and that ``count`` is not negative (a read of one
-  number). ``update`` and ``merge`` build their results with :meth:`_trusted`, which checks no
-  values, so they never sync with the device. So does the pytree path that ``torch.compile`` and
+  unpickling (so copies too) check dtypes, shapes and devices, and that ``count`` is not
+  negative (a read of one number; skipped on the meta device, which has no values). ``update``
+  and ``merge`` build their results with :meth:`_trusted`, which checks no values, so they
+  never sync with the device. So does the pytree path that ``torch.compile`` and
   :func:`all_reduce` use: it checks metadata only;
+- :meth:`_check_mergeable`, the checks every ``merge`` starts with: the same type, on the same
+  device;
 - equality by value (on the host; for tests and checks) and no hash, since the fields are
   mutable tensors;
 - ``state_dict`` / ``from_state_dict`` for checkpoints that load with ``weights_only=True``;
-- packing into one flat float64 buffer, and rebuilding from the buffers every rank gathered, for
-  :func:`all_reduce`.
+- packing into one flat float64 buffer (int64 fields as their bits, so exact to 2**63), and
+  rebuilding from the buffers every rank gathered, for :func:`all_reduce`.
 """
 
 import dataclasses
@@ -45,8 +48,24 @@ class Accumulator:
 
     def __post_init__(self) -> None:
         self._check_metadata()
-        if not torch.compiler.is_compiling() and bool(self.count < 0):
+        has_values = self.count.device.type != "meta"
+        if has_values and not torch.compiler.is_compiling() and bool(self.count < 0):
             raise ValueError(f"`count` must not be negative, got {int(self.count)}.")
+
+    def _check_mergeable(self, other: object) -> None:
+        """The checks every ``merge`` starts with; metadata only, so no device sync.
+
+        Raises:
+            TypeError: ``other`` is not an accumulator of this type.
+            ValueError: ``other`` is on another device (a merge would move or drop its rows).
+        """
+        if not isinstance(other, type(self)):
+            raise TypeError(f"can only merge a {type(self).__name__}, got {type(other).__name__}.")
+        if other.count.device != self.count.device:
+            raise ValueError(
+                "cannot merge accumulators on different devices, "
+                f"got {self.count.device} and {other.count.device}."
+            )
 
     @classmethod
     def _trusted(cls: type[A], *values: Tensor) -> A:
@@ -98,14 +117,15 @@ class Accumulator:
         return cls(**state)
 
     def _pack(self) -> Tensor:
-        """Every field, flattened into one float64 buffer (counts are exact below 2**53)."""
-        return torch.cat([v.reshape(-1).to(torch.float64) for v in self._values()])
+        """Every field, flattened into one float64 buffer; int64 fields as their bits (exact)."""
+        # A bit-cast, not a conversion: float64 holds integers exactly only up to 2**53.
+        return torch.cat([v.reshape(-1).view(torch.float64) for v in self._values()])
 
     def _unpack(self: A, buffer: Tensor) -> A:
         values, offset = [], 0
         for value in self._values():
             part = buffer[offset : offset + value.numel()].reshape(value.shape)
-            values.append(part.round().to(value.dtype) if value.dtype == torch.int64 else part)
+            values.append(part.view(value.dtype))  # int64 fields: the bits _pack stored
             offset += value.numel()
         return self._trusted(*values)
 

@@ -1,18 +1,21 @@
 """all_reduce: combine every accumulator of a pytree across ranks, checked, in one collective.
 
-Each rank packs its tree into one float64 buffer: a fingerprint of the tree (its key paths,
-accumulator types and shapes, and the buffer's length) and then every accumulator's state, its
-dict leaves in sorted key order so insertion order does not matter. One ``all_gather`` gives
-every rank every rank's buffer. Each rank then checks that all fingerprints equal its own, and
-merges the states in rank order with the accumulators' own ``merge``: sums for
-:class:`StreamingMean`, Chan's exact update for :class:`StreamingFVU`. Every rank computes the
-same result, bit for bit.
+Each rank packs its tree into one float64 buffer: a fingerprint of the tree (its containers,
+key paths, accumulator types and shapes, and the buffer's length) and then every accumulator's
+state, its dict leaves in sorted key order so insertion order does not matter, and its int64
+counts as their bits, so they stay exact above 2**53. One ``all_gather`` gives every rank every
+rank's buffer. Each rank then checks that all fingerprints equal its own, and merges the states
+in rank order with the accumulators' own ``merge``: sums for :class:`StreamingMean`, Chan's
+exact update for :class:`StreamingFVU`. Every rank computes the same result, bit for bit. A rank
+whose own tree fails its checks still sends a buffer, fingerprint -1 (no valid tree's), then
+raises: had it left the collective, the others' call would pair with its next one.
 
 Why a gather and not a sum: a sum of the ranks' ``(count, mean, M2)`` cannot be combined
 exactly without a reference point every rank agrees on (see ``benchmarks/README.md``), and
 metric buffers are kilobytes, so gathering ``world_size`` of them costs what a sum costs.
 """
 
+import collections
 import hashlib
 from collections.abc import Callable
 from typing import Any, Generic, Literal, TypeVar, cast, overload
@@ -27,17 +30,33 @@ __all__ = ["PendingAllReduce", "all_reduce"]
 
 T = TypeVar("T")
 _HEADER = 2  # fingerprint, buffer length
+_INVALID = -1.0  # the fingerprint of a tree that failed its rank's checks; valid ones are >= 0
 
 
 def _is_leaf(x: object) -> bool:
     return isinstance(x, Accumulator)
 
 
-def _describe_tree(paths: list[str], leaves: list[Accumulator]) -> str:
-    return "; ".join(
+def _structure(spec: pytree.TreeSpec) -> str:
+    """The tree's containers, e.g. ``dict('a': list(*, *))``: dict keys sorted, types named."""
+    if spec.is_leaf():
+        return "*"
+    children_of = getattr(spec, "children", None)  # older torch: `children_specs` only
+    specs = children_of() if callable(children_of) else spec.children_specs
+    children = [_structure(child) for child in specs]
+    if isinstance(spec.type, type) and issubclass(spec.type, dict):
+        keys = spec.context[-1] if spec.type is collections.defaultdict else spec.context
+        children = [f"{k}: {c}" for k, c in sorted(zip(map(repr, keys), children, strict=True))]
+    kind = spec.context if isinstance(spec.context, type) else spec.type  # a namedtuple's class
+    return f"{getattr(kind, '__qualname__', repr(kind))}({', '.join(children)})"
+
+
+def _describe_tree(paths: list[str], leaves: list[Accumulator], spec: pytree.TreeSpec) -> str:
+    described = "; ".join(
         f"{path}: {type(leaf).__name__}{[tuple(v.shape) for v in leaf._values()]}"
         for path, leaf in zip(paths, leaves, strict=True)
     )
+    return f"{described or 'an empty tree'}, in {_structure(spec)}"
 
 
 def _stable_hash(description: str, length: int) -> float:
@@ -53,12 +72,27 @@ _fingerprint: Callable[[str, int], float] = torch._dynamo.assume_constant_result
 
 
 def _mismatch_message(description: str, fingerprints: list[float]) -> str:
+    failed = " (-1: that rank's tree failed its own checks)" if _INVALID in fingerprints else ""
     return (
         "all_reduce: the ranks passed different trees (tree fingerprints by rank: "
-        f"{[int(f) for f in fingerprints]}). Every rank must pass a tree with the same keys, "
-        "the same accumulator types and the same shapes, in the same call. This rank passed: "
-        f"{description or 'an empty tree'}."
+        f"{[int(f) for f in fingerprints]}{failed}). Every rank must pass a tree with the same "
+        "keys, the same accumulator types and the same shapes, in the same call. This rank "
+        f"passed: {description}."
     )
+
+
+def _local_error(tree: list[Any], leaves: list[Accumulator]) -> Exception | None:
+    """What this rank's tree fails, checked before the collective and raised after it."""
+    for leaf in tree:
+        if not _is_leaf(leaf):
+            return TypeError(
+                "all_reduce combines StreamingMean and StreamingFVU leaves only, "
+                f"got a {type(leaf).__name__}."
+            )
+    devices = sorted({str(leaf.count.device) for leaf in leaves})
+    if len(devices) > 1:
+        return ValueError(f"all_reduce: the accumulators are on different devices, {devices}.")
+    return None
 
 
 class PendingAllReduce(Generic[T]):
@@ -105,16 +139,20 @@ def all_reduce(
     numbers of rows, or none.
 
     Every rank of ``group`` must call it the same number of times, with trees of the same
-    structure and shapes. A tree fingerprint travels with the data, so a rank whose tree
-    differs gets a ``ValueError`` rather than a wrong number; dict key order does not matter. A
+    structure (containers included: a list is not a tuple) and shapes. A tree fingerprint
+    travels with the data, so a rank whose tree differs gets a ``ValueError`` rather than a
+    wrong number; dict key order does not matter. A rank whose own tree fails the checks below
+    still takes part, so every rank raises and the ranks stay in step. (Buffers of different
+    lengths cannot be gathered: gloo aborts the process that receives more than it expects.) A
     rank that skips a call leaves the others waiting until the process group's timeout: that is
     the hang users report in torchmetrics. Checking the fingerprints reads two numbers per rank
     back to the host: eager ``all_reduce`` is a sync point (as reading a metric is anyway).
 
     When ``torch.distributed`` is unavailable or not initialised, ``tree`` is returned unchanged.
-    Inside ``torch.compile(fullgraph=True)`` it uses functional collectives, and a mismatch
-    raises a ``RuntimeError`` with the same message, from ``torch._assert_async``: a compiled
-    graph cannot raise a Python ``ValueError`` from a value it computed.
+    Inside ``torch.compile(fullgraph=True)`` it uses functional collectives, and a mismatch, or
+    a tree that fails this rank's checks, raises a ``RuntimeError`` with the same message, from
+    ``torch._assert_async``: a compiled graph cannot raise a Python error from a value it
+    computed.
 
     Args:
         tree: the accumulators to combine.
@@ -125,7 +163,8 @@ def all_reduce(
 
     Raises:
         TypeError: a leaf of ``tree`` is not an accumulator.
-        ValueError: this rank is not a member of ``group``, or the ranks passed different trees.
+        ValueError: this rank is not a member of ``group``, the accumulators are on different
+            devices, or the ranks passed different trees.
 
     Example (one process, so nothing to combine):
         >>> import torch
@@ -137,13 +176,10 @@ def all_reduce(
         tensor(2)
     """
     with_paths, spec = pytree.tree_flatten_with_path(tree, is_leaf=_is_leaf)
-    for _, leaf in with_paths:
-        if not _is_leaf(leaf):
-            raise TypeError(
-                "all_reduce combines StreamingMean and StreamingFVU leaves only, "
-                f"got a {type(leaf).__name__}."
-            )
     if not (dist.is_available() and dist.is_initialized()):
+        error = _local_error([leaf for _, leaf in with_paths], [])
+        if error is not None:
+            raise error
         return PendingAllReduce(None, lambda: tree) if async_op else tree
     if dist.get_rank(group) < 0:
         raise ValueError(
@@ -151,25 +187,34 @@ def all_reduce(
             "it with that group."
         )
 
-    order = sorted(range(len(with_paths)), key=lambda i: pytree.keystr(with_paths[i][0]))
-    paths = [pytree.keystr(with_paths[i][0]) for i in order]
+    order = sorted(
+        (i for i, (_, leaf) in enumerate(with_paths) if _is_leaf(leaf)),
+        key=lambda i: pytree.keystr(with_paths[i][0]),
+    )
     leaves: list[Accumulator] = [with_paths[i][1] for i in order]
-    description = _describe_tree(paths, leaves)
-    parts = [leaf._pack() for leaf in leaves]
-    length = _HEADER + sum(part.numel() for part in parts)
-    fingerprint = _fingerprint(description, length)
-    device = leaves[0].count.device if leaves else _group_device(group)
+    # Checked here, raised after the collective: this rank must still take part in it.
+    error = _local_error([leaf for _, leaf in with_paths], leaves)
+    description = _describe_tree([pytree.keystr(with_paths[i][0]) for i in order], leaves, spec)
+    sizes = [sum(v.numel() for v in leaf._values()) for leaf in leaves]
+    length = _HEADER + sum(sizes)
+    if error is None:
+        fingerprint = _fingerprint(description, length)
+        device = leaves[0].count.device if leaves else _group_device(group)
+        parts = [leaf._pack() for leaf in leaves]
+    else:  # the others get a fingerprint no valid tree has, and raise
+        fingerprint, device = _INVALID, _group_device(group)
+        parts = [torch.zeros(length - _HEADER, dtype=torch.float64, device=device)]
     header = torch.tensor([fingerprint, length], dtype=torch.float64, device=device)
     buffer = torch.cat([header, *parts])
     world = dist.get_world_size(group)
 
     def finish(gathered: torch.Tensor) -> T:
         rows = gathered.reshape(world, length)
-        reduced: list[Accumulator | None] = [None] * len(leaves)
+        reduced: list[Accumulator | None] = [None] * len(with_paths)
         offset = _HEADER
-        for index, leaf, part in zip(order, leaves, parts, strict=True):
-            reduced[index] = leaf._merge_gathered(rows[:, offset : offset + part.numel()])
-            offset += part.numel()
+        for index, leaf, size in zip(order, leaves, sizes, strict=True):
+            reduced[index] = leaf._merge_gathered(rows[:, offset : offset + size])
+            offset += size
         result: T = pytree.tree_unflatten(reduced, spec)
         return result
 
@@ -177,15 +222,19 @@ def all_reduce(
         import torch.distributed._functional_collectives as funcol
 
         gathered = funcol.all_gather_tensor(buffer, 0, group or cast(Any, dist.group.WORLD))
-        same = (gathered.reshape(world, length)[:, 0] == fingerprint).all()
-        torch._assert_async(same, _mismatch_message(description, []))
-        result = finish(gathered)
+        fingerprints = gathered.reshape(world, length)[:, 0]
+        same = (fingerprints == fingerprint).all() & (fingerprints != _INVALID).all()
+        message = _mismatch_message(description, []) if error is None else str(error)
+        torch._assert_async(same, message)
+        result = tree if error is not None else finish(gathered)
         return PendingAllReduce(None, lambda: result) if async_op else result
 
     gathered = torch.empty(world * length, dtype=torch.float64, device=device)
     # all_gather_single is all_gather_into_tensor's new name (torch 2.13 deprecates the old one).
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    work = gather(gathered, buffer, group=group, async_op=async_op)
+    work = gather(gathered, buffer, group=group, async_op=async_op and error is None)
+    if error is not None:
+        raise error
 
     def check_and_finish() -> T:
         fingerprints = gathered.reshape(world, length)[:, 0].tolist()

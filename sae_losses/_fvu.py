@@ -88,8 +88,11 @@ def ratio_of_sums(
     The denominator is replaced by 1 where the result is NaN, so no ``0 * inf`` gradient leaks.
     """
     if isinstance(count, int):
-        ratio = numerator / denominator
-        return ratio if count >= at_least else torch.full_like(ratio, torch.nan)
+        if count >= at_least:
+            return numerator / denominator
+        # NaN, but still a function of the inputs: backward gives them 0, not an error.
+        never = torch.zeros((), dtype=torch.bool, device=numerator.device)
+        return torch.where(never, numerator, torch.nan)
     enough = count >= at_least
     return torch.where(enough, numerator / torch.where(enough, denominator, 1), torch.nan)
 

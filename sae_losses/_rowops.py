@@ -57,7 +57,8 @@ Gradients = tuple[Tensor | None, ...]  # one per input; None where none is neede
 class RowOp:
     """A per-row term: ``formula(*batched, *params, dtype=..., **options) -> (batch, *component)``.
 
-    ``batched`` inputs have the batch axis first (they are split into blocks and masked);
+    An op with several values per row returns them on a trailing axis, ``(batch, *component,
+    k)``. ``batched`` inputs have the batch axis first (they are split into blocks and masked);
     ``params`` are shared by every row, such as a ``(feature,)`` weight. ``formula`` must be
     differentiable, safe (finite gradients where the term has a gradient of 0) and vmappable.
     ``fast_rows`` has the same signature and computes the values faster in eager mode;
@@ -112,10 +113,14 @@ def _blocked_rows(spec: RowSpec, inputs: Tensors) -> Tensor:
     blocks = row_blocks(first)
     if len(blocks) == 1:
         return kernel(*inputs, dtype=spec.dtype, **spec.options)
-    rows = torch.empty(first.shape[:-1], dtype=spec.dtype, device=first.device)
+    rows: Tensor | None = None
     for block in blocks:
         part = (t if t is None else t[block] for t in batched)
-        rows[block] = kernel(*part, *params, dtype=spec.dtype, **spec.options)
+        values = kernel(*part, *params, dtype=spec.dtype, **spec.options)
+        if rows is None:  # (batch, *component), plus any trailing axis of values per row
+            rows = values.new_empty((first.shape[0], *values.shape[1:]))
+        rows[block] = values
+    assert rows is not None
     return rows
 
 

@@ -13,14 +13,23 @@ A loop that reports a metric over many batches keeps one accumulator and replace
 Its contracts:
 
 - ``update`` and ``merge`` return new accumulators and never change their inputs.
-- ``empty()`` is the identity of ``merge``, and ``merge`` is associative and commutative.
-- Splitting the rows into updates in any way gives the same ``total`` and ``count``.
+- Exactly: ``count`` is the same however the rows are split into updates and merged (an int64
+  sum); ``empty()`` is an identity of ``merge`` (``total + 0.0`` equals ``total``); a two-way
+  ``merge`` is commutative (so is IEEE addition). ``total`` too is the same, bit for bit, for
+  any split and merge order while every partial sum is exact in float64: integer rows (0/1
+  firing counts, say) whose partial sums stay below 2**53 in magnitude.
+- Only to rounding, otherwise: ``merge`` is associative, and any split of the rows gives the
+  same ``total``, to within about ``(n - 1) * 2**-53 * sum(|v|)`` of the exact sum of ``n``
+  rows ``v``, since each float64 addition rounds: ``(1e16 + 1) + 1`` is ``1e16``, but
+  ``1e16 + (1 + 1)`` is ``1e16 + 2``.
 - The state is float64 (``total``) and int64 (``count``), so long float32 streams do not drift.
 - Nothing syncs with the device, and it is a pytree node, so it can be the input and output of a
   ``torch.compile(fullgraph=True)`` step.
 - A bool ``mask`` drops rows: they add nothing to ``total`` or ``count``, even when they are NaN.
 - It is unhashable (equal by value, with mutable tensor fields), and every way to build one
-  (constructor, ``from_state_dict``, unpickling) rejects a negative ``count``.
+  (constructor, ``from_state_dict``, unpickling and copies) rejects a negative ``count``, where
+  there is a value to check (a meta accumulator has none, and copies as it is).
+- ``merge`` of accumulators on different devices raises a ``ValueError``.
 """
 
 import dataclasses
@@ -61,6 +70,13 @@ class StreamingMean(Accumulator):
         tensor([1.5000], dtype=torch.float64)
         >>> metric.merge(StreamingMean.empty((1,))) == metric  # empty() is the identity
         True
+
+    Associativity holds to rounding only:
+
+        >>> rows = torch.tensor([[1e16], [1.0], [1.0]], dtype=torch.float64)
+        >>> a, b, c = (StreamingMean.empty().update(row) for row in rows)
+        >>> a.merge(b).merge(c).total.item(), a.merge(b.merge(c)).total.item()
+        (1e+16, 1.0000000000000002e+16)
     """
 
     total: Float64[Tensor, "*component"]
@@ -125,10 +141,9 @@ class StreamingMean(Accumulator):
 
         Raises:
             TypeError: ``other`` is not a StreamingMean.
-            ValueError: the two ``total`` shapes differ.
+            ValueError: the two ``total`` shapes differ, or the two are on different devices.
         """
-        if not isinstance(other, StreamingMean):
-            raise TypeError(f"can only merge a StreamingMean, got {type(other).__name__}.")
+        self._check_mergeable(other)
         if other.total.shape != self.total.shape:
             raise ValueError(
                 "cannot merge accumulators of different shapes, "

@@ -1,21 +1,35 @@
 """Tests for all_reduce: on one process, and across real gloo process groups on localhost."""
 
 import datetime
+import functools
 import inspect
-import json
 import os
 import re
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.utils._pytree as pytree
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from sae_losses import PendingAllReduce, StreamingMean, all_reduce, l1_absolute, l2_reconstruction
+from sae_losses import (
+    PendingAllReduce,
+    StreamingFVU,
+    StreamingMean,
+    all_reduce,
+    l1_absolute,
+    l2_reconstruction,
+)
+from spawn import (
+    capture,
+    exception_chain,
+    init_gloo,
+    read_json,
+    run_ranks,
+    save_result,
+    start_ranks,
+    write_json,
+)
 
 ROWS, COMPONENTS, FEATURES = 11, 2, 5
 
@@ -63,32 +77,6 @@ def expected_means():
     }
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def run_ranks(worker, world_size, tmp_path):
-    mp.start_processes(
-        worker,
-        args=(world_size, free_port(), str(tmp_path)),
-        nprocs=world_size,
-        start_method="spawn",
-    )
-    return [torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in range(world_size)]
-
-
-def init(rank, world_size, port):
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(seconds=120),
-    )
-
-
 def summary(metrics):
     return {
         "l2": metrics["l2"].compute(),
@@ -99,7 +87,7 @@ def summary(metrics):
 
 
 def eager_worker(rank, world_size, port, out_dir):
-    init(rank, world_size, port)
+    init_gloo(rank, world_size, port)
     try:
         decoded, source = global_data()
         rows = rank_rows(rank, world_size)
@@ -111,20 +99,21 @@ def eager_worker(rank, world_size, port, out_dir):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             all_reduce(local)
         collectives = sum(event.name.startswith("gloo:") for event in prof.events())
-        torch.save(
+        save_result(
+            out_dir,
+            rank,
             {
                 "synced": summary(synced),
                 "async": summary(waited),
                 "collectives": torch.tensor(collectives),
             },
-            f"{out_dir}/{rank}.pt",
         )
     finally:
         dist.destroy_process_group()
 
 
 def compiled_worker(rank, world_size, port, out_dir):
-    init(rank, world_size, port)
+    init_gloo(rank, world_size, port)
     try:
         counter = CompileCounterWithBackend("inductor")
 
@@ -152,14 +141,26 @@ def compiled_worker(rank, world_size, port, out_dir):
                 non_member = "returned"
             except Exception as error:  # the parent asserts on what was raised
                 non_member = exception_chain(error)
-        torch.save(
+        # Issue 16, item 1 under compile: rank 1's tree fails its checks. Both ranks still
+        # gather, both raise (a RuntimeError from the graph), and the next calls pair.
+        torch._dynamo.reset()
+        sync = torch.compile(all_reduce, backend="aot_eager", fullgraph=True)
+        bad_tree = {"a": mean, "b": None} if rank == 1 else {"a": mean}
+        bad = capture(lambda: sync(bad_tree), describe=str)
+        after = sync({"a": mean})["a"]
+        all_bad = capture(lambda: sync({"a": mean, "b": None}), str)  # no valid tree to differ from
+        save_result(
+            out_dir,
+            rank,
             {
                 "l2": synced.compute(),
                 "count": synced.count,
                 "frames": torch.tensor(counter.frame_count),
                 "non_member": non_member,
+                "bad": bad,
+                "after": after.count,
+                "all_bad": all_bad,
             },
-            f"{out_dir}/{rank}.pt",
         )
     finally:
         dist.destroy_process_group()
@@ -201,6 +202,19 @@ def test_compiled_step_with_all_reduce(compiled_results):
 
 
 @pytest.mark.compile
+def test_compiled_all_reduce_with_a_tree_that_fails_its_checks_raises_on_every_rank(
+    compiled_results,
+):
+    for rank, result in enumerate(compiled_results):
+        assert result["bad"]["kind"] == "RuntimeError", result["bad"]
+        expected = NOT_AN_ACCUMULATOR if rank == 1 else MISMATCH
+        assert expected in result["bad"]["message"], result["bad"]
+        assert result["after"].item() == ROWS  # the next calls paired with each other
+        assert result["all_bad"]["kind"] == "RuntimeError", result["all_bad"]
+        assert NOT_AN_ACCUMULATOR in result["all_bad"]["message"], result["all_bad"]
+
+
+@pytest.mark.compile
 def test_compiled_all_reduce_rejects_a_rank_outside_the_group(compiled_results):
     # Rank 1 is not in new_group([0]). Under fullgraph, dynamo turns the ValueError into its own
     # `Unsupported: Observed exception`; the library's message must be in it or its __cause__s.
@@ -239,45 +253,14 @@ def test_non_accumulator_leaves_are_rejected():
 # that died writes nothing, and the parent asserts on what was written.
 
 GROUP_TIMEOUT = datetime.timedelta(seconds=20)
-WALL_TIMEOUT_S = 300  # only reached by a regression that hangs: the survivors are then killed
 MISMATCH = "all_reduce: the ranks passed different trees"
 NOT_A_MEMBER = "this rank is not a member of `group`"
-
-
-def exception_chain(error):
-    """``Type: message`` of an exception and of its ``__cause__`` chain, one per line."""
-    parts, seen = [], set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        parts.append(f"{type(error).__name__}: {error}")
-        error = error.__cause__
-    return "\n".join(parts)
 
 
 def tree_values(tree):
     """Every accumulator of a tree as ``{key path: [total as a list, count]}``."""
     leaves = pytree.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, StreamingMean))[0]
     return {pytree.keystr(path): [leaf.total.tolist(), leaf.count.item()] for path, leaf in leaves}
-
-
-def start_ranks(worker, nprocs, out_dir):
-    """Spawn ``nprocs`` ranks without joining; wait for all to exit, killing any left at the
-    wall timeout (only a hanging regression gets there). Returns the exit codes."""
-    context = mp.start_processes(
-        worker,
-        args=(nprocs, free_port(), str(out_dir)),
-        nprocs=nprocs,
-        start_method="spawn",
-        join=False,
-    )
-    deadline = time.monotonic() + WALL_TIMEOUT_S
-    while any(process.is_alive() for process in context.processes):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-        time.sleep(0.1)
-    return [process.exitcode for process in context.processes]
 
 
 def count_collectives(call):
@@ -383,6 +366,76 @@ def case_empty_vs_tree(r, n, group, note):
     return all_reduce({} if r == n - 1 else {"l2": filled((), 1.0, rows=3)}, group=group)
 
 
+# Issue 16, item 1: a rank whose tree fails its own checks still takes part in the collective,
+# with a fingerprint no valid tree has, so every other rank raises; then it raises its own error.
+# Block rank 1 adds a leaf that is not an accumulator; its accumulators pack to the others'
+# length, so gloo aborts no one. Every rank then makes a second, valid call, which must pair with
+# the others' second call: before the fix the others' first call paired with it, and returned
+# their sum with rank 1's second tree (1 + 200 where the truth is 1) with no error.
+NOT_AN_ACCUMULATOR = "all_reduce combines StreamingMean and StreamingFVU leaves only, got a "
+BAD_LEAVES = {"none": None, "tensor": torch.tensor([1.0]), "float": 0.5}
+
+
+def bad_leaf_case(leaf, async_op=False):
+    def case(r, n, group, note):
+        tree = {"a": filled((), 1.0)}
+        if r == 1:
+            tree["b"] = BAD_LEAVES[leaf]
+        if async_op:
+            note["first"] = capture(lambda: all_reduce(tree, group=group, async_op=True).wait())
+        else:
+            note["first"] = capture(lambda: all_reduce(tree, group=group), tree_values)
+        return all_reduce({"a": filled((), 100.0 * (r + 1))}, group=group)
+
+    return case
+
+
+def case_bad_devices(r, n, group, note):
+    # Block rank 1's accumulators are on two devices, so its buffer cannot be packed.
+    tree = {"a": filled((), 1.0), "b": StreamingMean.empty(device="meta" if r == 1 else "cpu")}
+    note["first"] = capture(lambda: all_reduce(tree, group=group), tree_values)
+    return all_reduce({"a": filled((), 100.0 * (r + 1))}, group=group)
+
+
+def containers_case(even, odd):
+    # Valid trees of the same accumulators, at the same key paths, in other containers.
+    def case(r, n, group, note):
+        pair = [filled((2,), 1.0), filled((), 2.0)]
+        return all_reduce((even if r % 2 == 0 else odd)(pair), group=group)
+
+    return case
+
+
+# Issue 16, item 6: counts above 2**53 travel exactly (as int64 bits, not rounded to float64).
+BIG_COUNT = 2**53 + 1
+
+
+def big_count_tree(r):
+    f64 = torch.float64
+    return {
+        "mean": StreamingMean(torch.tensor(r + 1.0, dtype=f64), torch.tensor(BIG_COUNT)),
+        "fvu": StreamingFVU(
+            torch.tensor(BIG_COUNT),
+            torch.full((3,), r + 0.5, dtype=f64),
+            torch.full((3,), 2.0 * (r + 1), dtype=f64),
+            torch.tensor(3.0 * (r + 1), dtype=f64),
+        ),
+    }
+
+
+def case_big_counts(r, n, group, note):
+    reduced = all_reduce(big_count_tree(r), group=group)
+    trees = [big_count_tree(i) for i in range(n)]
+    for key in ("mean", "fvu"):
+        merged = functools.reduce(lambda a, b: a.merge(b), [tree[key] for tree in trees])
+        note[key] = {
+            "count": reduced[key].count.item(),
+            "merge_count": merged.count.item(),
+            "equals_merge": reduced[key] == merged,
+        }
+    return {"mean": reduced["mean"]}
+
+
 # (name, block, ranks of the group relative to the block, case). Block R's cases run in order.
 CASES_L = [("lengths", "L", None, case_lengths)]
 CASES_R = [
@@ -392,32 +445,27 @@ CASES_R = [
     ("swapped_shapes_async", "R", None, case_swapped_shapes_async),
     ("all_empty", "R", None, case_all_empty),
     ("not_a_member", "R", [0], case_not_a_member),
-    ("empty_vs_tree", "R", None, case_empty_vs_tree),
+    *((f"bad_{leaf}", "R", None, bad_leaf_case(leaf)) for leaf in BAD_LEAVES),
+    ("bad_none_async", "R", None, bad_leaf_case("none", async_op=True)),
+    ("bad_devices", "R", None, case_bad_devices),
+    ("list_vs_tuple", "R", None, containers_case(list, tuple)),
+    # {0: a, 1: b} and [a, b]: the same key paths, [0] and [1].
+    ("dict_vs_list", "R", None, containers_case(lambda pair: dict(enumerate(pair)), list)),
+    ("big_counts", "R", None, case_big_counts),
+    ("empty_vs_tree", "R", None, case_empty_vs_tree),  # last: its last rank may be aborted
 ]
 
 
-def run_case(name, case, r, n, group, out_dir, global_rank):
+def run_case(name, case, r, n, group, out_dir):
     note = {}
-    try:
-        outcome = {"kind": "returned", "values": tree_values(case(r, n, group, note))}
-    except Exception as error:  # the parent asserts on what was raised
-        outcome = {"kind": type(error).__name__, "message": exception_chain(error)}
-    outcome["note"] = note
-    path = f"{out_dir}/{name}.{r}.json"
-    with open(f"{path}.{global_rank}.tmp", "w") as file:
-        json.dump(outcome, file)
-    os.replace(f"{path}.{global_rank}.tmp", path)
+    result = capture(lambda: case(r, n, group, note), tree_values)
+    result["note"] = note
+    write_json(f"{out_dir}/{name}.{r}.json", result)
 
 
 def mismatch_worker(rank, nprocs, port, out_dir):
     world_size = nprocs - 1
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=nprocs,
-        timeout=datetime.timedelta(seconds=30),
-    )
+    init_gloo(rank, nprocs, port)
     blocks = {"L": list(range(world_size)), "R": list(range(1, nprocs))}
     # Every process creates every group, in the same order (new_group is collective).
     groups = {
@@ -431,7 +479,7 @@ def mismatch_worker(rank, nprocs, port, out_dir):
     for name, block, _, case in CASES_L + CASES_R:
         if rank in blocks[block]:
             r = blocks[block].index(rank)
-            run_case(name, case, r, world_size, groups[name], out_dir, rank)
+            run_case(name, case, r, world_size, groups[name], out_dir)
     # Peers may have been aborted by gloo: leave without a teardown that could wait on them.
     os._exit(0)
 
@@ -444,17 +492,16 @@ def mismatch_outcomes(request, tmp_path_factory):
     start_ranks(mismatch_worker, world_size + 1, out_dir)
     outcomes = {}
     for name, *_ in CASES_L + CASES_R:
-        paths = [out_dir / f"{name}.{r}.json" for r in range(world_size)]
-        outcomes[name] = [json.loads(p.read_text()) if p.exists() else None for p in paths]
+        outcomes[name] = [read_json(out_dir / f"{name}.{r}.json") for r in range(world_size)]
     return world_size, outcomes
 
 
 def assert_returned(outcome, expected):
     assert outcome is not None, "the rank wrote no outcome (it died or hung)"
     assert outcome["kind"] == "returned", outcome
-    assert outcome["values"].keys() == expected.keys()
+    assert outcome["value"].keys() == expected.keys()
     for key, (total, count) in expected.items():
-        got_total, got_count = outcome["values"][key]
+        got_total, got_count = outcome["value"][key]
         assert got_count == count, (key, outcome)
         torch.testing.assert_close(
             torch.tensor(got_total, dtype=torch.float64),
@@ -554,3 +601,39 @@ def test_a_rank_outside_the_group_gets_a_value_error(mismatch_outcomes):
         assert outcome is not None
         assert outcome["kind"] == "ValueError", outcome
         assert NOT_A_MEMBER in outcome["message"]
+
+
+@pytest.mark.parametrize("leaf", [*BAD_LEAVES, "none_async", "devices"])
+def test_a_rank_whose_tree_fails_its_checks_still_joins_the_collective(mismatch_outcomes, leaf):
+    n, outcomes = mismatch_outcomes
+    for r, outcome in enumerate(outcomes[f"bad_{leaf}"]):
+        assert outcome is not None, "the rank wrote no outcome (it died or hung)"
+        first = outcome["note"]["first"]
+        if r == 1 and leaf == "devices":
+            assert first["kind"] == "ValueError", first
+            assert "the accumulators are on different devices, ['cpu', 'meta']" in first["message"]
+        elif r == 1:
+            assert first["kind"] == "TypeError", first
+            assert NOT_AN_ACCUMULATOR in first["message"], first
+        else:
+            assert_mismatch_error(first)
+        # The ranks are still in step: the second call pairs with the others' second call.
+        assert_returned(outcome, {"['a']": [sum(100.0 * (i + 1) for i in range(n)), n]})
+
+
+@pytest.mark.parametrize("case", ["list_vs_tuple", "dict_vs_list"])
+def test_different_containers_at_the_same_key_paths_raise_on_every_rank(mismatch_outcomes, case):
+    _, outcomes = mismatch_outcomes
+    for outcome in outcomes[case]:
+        assert_mismatch_error(outcome)
+
+
+def test_counts_above_2_to_the_53_are_exact(mismatch_outcomes):
+    n, outcomes = mismatch_outcomes
+    for outcome in outcomes["big_counts"]:
+        assert outcome is not None, "the rank wrote no outcome (it died or hung)"
+        assert outcome["kind"] == "returned", outcome
+        for key in ("mean", "fvu"):
+            note = outcome["note"][key]
+            assert note["count"] == note["merge_count"] == n * BIG_COUNT, (key, note)
+            assert note["equals_merge"], (key, note)

@@ -6,16 +6,14 @@ rows, and a float64 two-pass reference, and be bit-identical on every rank.
 """
 
 import contextlib
-import datetime
 import itertools
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from sae_losses import StreamingFVU, StreamingMean, all_reduce, l2_reconstruction
+from spawn import init_gloo, run_ranks, save_result
 
 ROWS, SHAPE, OFFSET, CHUNK = 120_000, (4, 64), 1e4, 3_000
 D_SAE, DEAD, RARE = 96, range(88, 96), range(80, 88)
@@ -58,22 +56,6 @@ def dataset_rows(start, stop):
         yield decoded[keep], source[keep], learned[keep]
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def run_ranks(worker, world_size, out_dir):
-    mp.start_processes(
-        worker,
-        args=(world_size, free_port(), str(out_dir)),
-        nprocs=world_size,
-        start_method="spawn",
-    )
-    return [torch.load(out_dir / f"{rank}.pt", weights_only=True) for rank in range(world_size)]
-
-
 def stream(start, stop):
     """The evaluation tree one rank keeps over rows ``[start, stop)``."""
     tree = {
@@ -100,13 +82,7 @@ def count_collectives(tree):
 
 def worker(rank, world_size, port, out_dir):
     torch.set_num_threads(1)  # up to 3 processes share the machine's cores
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(seconds=30),
-    )
+    init_gloo(rank, world_size, port)
     try:
         local = stream(*SHARDS[world_size][rank])
         synced = all_reduce(local)
@@ -120,7 +96,9 @@ def worker(rank, world_size, port, out_dir):
             "means": [StreamingMean.empty((4,)).update(source[:, :, i]) for i in range(8)],
         }
         big_synced, collectives = count_collectives(big)
-        torch.save(
+        save_result(
+            out_dir,
+            rank,
             {
                 "fvu": synced["fvu"].state_dict(),
                 "fvu_compute": synced["fvu"].compute(),
@@ -134,7 +112,6 @@ def worker(rank, world_size, port, out_dir):
                     [big_synced["fvu"].count, *(m.count for m in big_synced["means"])]
                 ),
             },
-            f"{out_dir}/{rank}.pt",
         )
     finally:
         dist.destroy_process_group()

@@ -114,7 +114,7 @@ def test_family_and_eval_benchmark_smoke_runs_print_every_table():
 
 @pytest.fixture(scope="module")
 def evaluate_example():
-    """examples/evaluate.py as a module; it puts examples/ on sys.path to import the demo."""
+    """examples/evaluate.py as a module; it puts examples/ on sys.path to import its helpers."""
     path, modules, threads = list(sys.path), set(sys.modules), torch.get_num_threads()
     torch.set_num_threads(1)  # as the example's main() does; tiny matmuls gain nothing from more
     spec = importlib.util.spec_from_file_location(
@@ -126,11 +126,11 @@ def evaluate_example():
     sys.path[:] = path
     torch.set_num_threads(threads)
     for name in set(sys.modules) - modules:
-        if name in ("demo", "examples_evaluate"):
+        if name in ("demo", "tiny_lm", "examples_evaluate"):
             del sys.modules[name]
 
 
-EVALUATE_OPTIONS = ("--steps", "300", "--rows", "3000", "--chunk", "256")
+EVALUATE_OPTIONS = ("--lm-steps", "200", "--sae-steps", "300", "--sequences", "100")
 
 
 def test_evaluate_gives_the_same_metrics_on_one_and_two_processes(tmp_path):
@@ -146,14 +146,14 @@ def test_evaluate_gives_the_same_metrics_on_one_and_two_processes(tmp_path):
         str(tmp_path / "two"),
     )
     one_lines, two_lines = one.strip().splitlines(), two.strip().splitlines()
-    assert one_lines[0].startswith("world_size=1 rows per rank=[3000] ")
-    # Uneven shards: chunks of 256, 153, 256, 36, ..., 196 dealt out in turn.
-    assert two_lines[0].startswith("world_size=2 rows per rank=[2244, 756] ")
+    assert one_lines[0].startswith("world_size=1 sequences per rank=[100] ")
+    # Uneven shards: chunks of 32, 19, 32, 4, 13 dealt out in turn.
+    assert two_lines[0].startswith("world_size=2 sequences per rank=[77, 23] ")
     assert one_lines[-1].startswith("Feature-density histogram: ")
-    labels = [line[:34].rstrip() for line in one_lines[1:-1]]
-    assert labels[0] == "held-out rows"
-    assert {"FVU", "dead fraction", "relative reconstruction bias"} <= set(labels)
-    assert len(labels) == 11
+    labels = [line[:36].rstrip() for line in one_lines[1:-1]]
+    assert labels[0] == "held-out tokens (BOS left out)"
+    assert {"FVU", "CE loss score", "KL divergence score", "cosine similarity"} <= set(labels)
+    assert len(labels) == 22
     # The printed metric lines (10 significant digits) are identical...
     assert one_lines[1:-1] == two_lines[1:-1]
     # ...and the full-precision numbers agree to 1e-12, the firing frequencies exactly.
@@ -167,63 +167,84 @@ def test_evaluate_gives_the_same_metrics_on_one_and_two_processes(tmp_path):
         png = (tmp_path / directory / "feature_density.png").read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
         assert len(png) > 10_000
-    # Sane values for a trained toy SAE.
-    assert result["rows"] == 3000
+    # Sane values for a trained LM and SAE: the model uses its context (clean CE well below the
+    # ablated CE), and the SAE keeps most of it.
+    assert result["tokens"] == 100 * 23
+    assert result["scored_predictions"] == 100 * 22
+    assert result["ce_clean"] < result["ce_spliced"] < result["ce_ablated"]
+    assert result["ce_ablated"] - result["ce_clean"] > 1.0
+    assert 0.5 < result["ce_loss_score"] < 1
+    assert 0.5 < result["kl_div_score"] < 1
     assert 0 < result["fvu"] < 0.5
     assert result["explained_variance"] == pytest.approx(1 - result["fvu"], abs=1e-15)
     assert result["mse_saelens"] == pytest.approx(32 * result["mse"], rel=1e-15)
-    assert 0 <= result["dead_fraction"] <= 1
     assert result["dead_latents"] == sum(f == 0 for f in result["density"])
-    assert result["dead_fraction"] == result["dead_latents"] / 128
+    assert result["frac_alive"] == 1 - result["dead_latents"] / 128
     assert 0 < result["l0"] < 128
     assert 0.5 < result["cosine_similarity"] <= 1
-    assert 0.5 < result["relative_reconstruction_bias"] < 1.5
 
 
 def test_evaluate_metrics_match_float64_references(evaluate_example):
-    args = evaluate_example.parse_args(["--steps", "40", "--rows", "700", "--chunk", "128"])
-    data = evaluate_example.ToySuperposition(args)
-    sae = evaluate_example.trained_sae(args, data)
-    metrics = evaluate_example.evaluate(sae, data, args)
+    args = evaluate_example.parse_args(
+        ["--lm-steps", "20", "--sae-steps", "20", "--sequences", "40", "--chunk", "16"]
+    )
+    language, model, sae = evaluate_example.trained_models(args)
+    metrics = evaluate_example.evaluate(language, model, sae, args)
     result = evaluate_example.summarise(metrics, args.d_model)
-    sizes = evaluate_example.chunk_sizes(700, 128)
-    assert sizes == [128, 76, 128, 18, 128, 76, 128, 18]
+    sizes = evaluate_example.chunk_sizes(40, 16)
+    assert sizes == [16, 9, 15]
     offset = evaluate_example.HELD_OUT_OFFSET
+    tokens = torch.cat([language.batch(offset + i, n, args.length) for i, n in enumerate(sizes)])
     with torch.no_grad():
-        source = torch.cat([data.batch(offset + i, n) for i, n in enumerate(sizes)])
-        learned, decoded = sae(source)
+        source, learned, decoded, logits, targets = evaluate_example.three_runs(model, sae, tokens)
     x, z, x_hat = source.double(), learned.double(), decoded.double()
+    clean, spliced, ablated = (t.double() for t in logits)
     error = (x_hat - x).square()
     dot = (x_hat * x).sum(-1)
     nonzero = x.norm(dim=-1) > 0
-    cosine = dot[nonzero] / (x_hat.norm(dim=-1) * x.norm(dim=-1))[nonzero]
-    density = (z > 0).double().mean(0)
+
+    def ce(lg):
+        return (torch.logsumexp(lg, -1) - lg.gather(-1, targets[:, None])[:, 0]).mean()
+
+    def kl(lg):
+        p = torch.log_softmax(clean, -1)
+        return (p.exp() * (p - torch.log_softmax(lg, -1))).sum(-1).mean()
+
     expected = {
         "mse": error.mean(-1).mean(),
         "mse_saelens": error.sum(-1).mean(),
-        # Two passes: the mean of all rows first, then squared deviations about it.
         "fvu": error.sum() / (x - x.mean(0)).square().sum(),
         "l0": (z != 0).sum(-1).double().mean(),
         "l1": z.abs().sum(-1).mean(),
         "relative_reconstruction_bias": x_hat.square().sum(-1).mean() / dot.mean(),
-        "cosine_similarity": cosine.mean(),
-        "dead_fraction": (density == 0).double().mean(),
+        "cosine_similarity": (dot / (x_hat.norm(dim=-1) * x.norm(dim=-1)))[nonzero].mean(),
+        "l2_norm_ratio": (x_hat.norm(dim=-1) / x.norm(dim=-1))[nonzero].mean(),
+        "ce_clean": ce(clean),
+        "ce_spliced": ce(spliced),
+        "ce_ablated": ce(ablated),
+        "ce_loss_score": (ce(ablated) - ce(spliced)) / (ce(ablated) - ce(clean)),
+        "kl_spliced": kl(spliced),
+        "kl_ablated": kl(ablated),
+        "kl_div_score": (kl(ablated) - kl(spliced)) / kl(ablated),
     }
     for key, value in expected.items():
-        assert result[key] == pytest.approx(value.item(), rel=1e-6, abs=0), key
-    assert result["rows"] == 700
-    assert result["cosine_rows"] == int(nonzero.sum()) < 700  # the toy has all-zero rows
-    assert result["density"] == density.tolist()  # counts over rows: exact
+        assert result[key] == pytest.approx(value.item(), rel=1e-5, abs=1e-7), key
+    assert result["tokens"] == 40 * (args.length - 1)
+    assert result["density"] == (z != 0).double().mean(0).tolist()  # counts over rows: exact
 
 
-def test_evaluate_shards_cover_every_row_once_with_an_empty_rank(evaluate_example):
-    # 300 rows in chunks of 256 and 44: on 3 ranks the third has no rows at all.
-    args = evaluate_example.parse_args(["--steps", "5", "--rows", "300", "--chunk", "256"])
-    data = evaluate_example.ToySuperposition(args)
-    sae = evaluate_example.trained_sae(args, data)
-    whole = evaluate_example.evaluate(sae, data, args)
-    shards = [evaluate_example.evaluate(sae, data, args, rank=r, world_size=3) for r in range(3)]
-    assert [shard["mse"].count.item() for shard in shards] == [256, 44, 0]
+def test_evaluate_shards_cover_every_sequence_once_with_an_empty_rank(evaluate_example):
+    # 40 sequences in chunks of 32 and 8: on 3 ranks the third has no tokens at all.
+    args = evaluate_example.parse_args(
+        ["--lm-steps", "5", "--sae-steps", "5", "--sequences", "40", "--chunk", "32"]
+    )
+    language, model, sae = evaluate_example.trained_models(args)
+    whole = evaluate_example.evaluate(language, model, sae, args)
+    shards = [
+        evaluate_example.evaluate(language, model, sae, args, rank=r, world_size=3)
+        for r in range(3)
+    ]
+    assert [shard["mse"].count.item() for shard in shards] == [32 * 23, 8 * 23, 0]
     merged = {key: shards[0][key].merge(shards[1][key]).merge(shards[2][key]) for key in whole}
     one, three = (evaluate_example.summarise(m, args.d_model) for m in (whole, merged))
     assert one["density"] == three["density"]
@@ -233,10 +254,9 @@ def test_evaluate_shards_cover_every_row_once_with_an_empty_rank(evaluate_exampl
 
 def test_evaluate_rejects_bad_options(evaluate_example, capsys):
     for argv, message in (
-        (["--rows", "0"], "--rows: must be a positive integer, got 0"),
-        (["--rows", "1"], "--rows must be at least 2 for a variance, got 1"),
-        (["--d-model", "64"], "needs --d-model < --n-features"),
-        (["--checkpoint", "/nonexistent/sae.pt"], "is not a file"),
+        (["--sequences", "0"], "--sequences: must be a positive integer, got 0"),
+        (["--length", "3"], "--length must be at least 4"),
+        (["--vocab", "2"], "--vocab must be at least 3"),
     ):
         with pytest.raises(SystemExit) as exit_info:
             evaluate_example.parse_args(argv)

@@ -1,4 +1,9 @@
-"""Tests for the inductor-generated fused ops: same contract as the eager ones."""
+"""Tests for the inductor-generated fused terms: their float64 references, recompiles, the
+fallback when inductor cannot build, double backward, fp16 and long feature axes.
+
+They are in the registry (tests/terms.py) too, so the mask, torch.func, DTensor, compile and
+saved-for-backward contracts are checked on them with the other terms.
+"""
 
 import json
 import os
@@ -7,42 +12,37 @@ import sys
 
 import pytest
 import torch
+from test_eager_path import check_long_feature_axis
+from test_reconstruction import check_fp16_backward_in_float32
 from torch._dynamo.utils import counters
 
-from helpers import l1_reference, l2_reference, randn
+from helpers import randn
 from sae_losses import fused_l1_absolute, fused_l2_reconstruction, l1_absolute, l2_reconstruction
+from terms import cases_with_masks
 
 pytestmark = pytest.mark.compile
 
 
+@pytest.mark.parametrize(("term", "mask_kind"), cases_with_masks(lambda term: term.compiled))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("reduce", ["none", "mean", "sum"])
-def test_fused_matches_float64_reference(dtype, reduce):
-    decoded, source = randn(6, 3, 10, dtype=dtype, seed=1), randn(6, 3, 10, dtype=dtype, seed=2)
-    result_l2 = fused_l2_reconstruction(decoded, source, reduce=reduce)
-    result_l1 = fused_l1_absolute(decoded, reduce=reduce)
-    assert result_l2.dtype == result_l1.dtype == l2_reconstruction(decoded, source).dtype
+def test_compiled_terms_match_float64_reference(term, mask_kind, dtype):
+    # One shape per dtype: a compile each (test_terms.py runs the eager terms over many shapes).
+    inputs = term.inputs(6, (3, 10), dtype, seed=1)
+    mask = {"none": None, "bool": torch.arange(6) % 3 != 1}.get(mask_kind)
+    if mask_kind == "float":
+        mask = torch.tensor([0.5, 0.0, 2.0, 1.0, 0.25, 3.0], dtype=dtype)
     rtol = 1e-12 if dtype == torch.float64 else 1e-5
-    torch.testing.assert_close(
-        result_l2.double(), l2_reference(decoded, source, reduce), rtol=rtol, atol=0
-    )
-    torch.testing.assert_close(result_l1.double(), l1_reference(decoded, reduce), rtol=rtol, atol=0)
+    for reduce in term.reduces:  # one compile for all: the reduce runs after the kernel
+        result = term(*inputs, reduce=reduce, mask=mask)
+        assert result.dtype == term.expected(*inputs).dtype
+        expected = term.float64_reference(*inputs, reduce=reduce, mask=mask)
+        torch.testing.assert_close(result.double(), expected, rtol=rtol, atol=0, equal_nan=True)
 
 
-def test_fused_gradients_match_eager_and_save_only_inputs():
+def test_fused_gradients_match_eager():
     decoded = randn(8, 2, 16, seed=3).requires_grad_()
     source = randn(8, 2, 16, seed=4)
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = fused_l2_reconstruction(decoded, source).sum() + fused_l1_absolute(decoded).sum()
-    big = [t for t in saved if t.numel() >= decoded.numel()]
-    assert big, "the compiled backward keeps its inputs"
-    assert all(t.data_ptr() in {decoded.data_ptr(), source.data_ptr()} for t in big)
+    loss = fused_l2_reconstruction(decoded, source).sum() + fused_l1_absolute(decoded).sum()
     (fused_grad,) = torch.autograd.grad(loss, decoded)
     eager = l2_reconstruction(decoded, source).sum() + l1_absolute(decoded).sum()
     (eager_grad,) = torch.autograd.grad(eager, decoded)
@@ -181,3 +181,13 @@ def test_double_backward_works_in_any_order():
     check(fused_l1_absolute, (3, 2, 4), seed=33)
     check(fused_l2_reconstruction, (3, 2, 4), seed=34)
     check(l2_reconstruction, (3, 2, 4), seed=35)
+
+
+def test_fused_fp16_backward_computes_in_float32():
+    torch._dynamo.reset()
+    check_fp16_backward_in_float32(fused_l2_reconstruction)
+
+
+def test_fused_long_feature_axes_stay_within_1e6_of_float64(monkeypatch):
+    torch._dynamo.reset()
+    check_long_feature_axis(fused_l2_reconstruction, fused_l1_absolute, monkeypatch)

@@ -5,14 +5,9 @@ deviations about it. The numerics bar streams 10^6 float32 rows with feature off
 """
 
 import inspect
-import io
-import itertools
-import pickle
 
-import hypothesis.strategies as st
 import pytest
 import torch
-from hypothesis import given, settings
 from torch._dynamo.testing import CompileCounter
 
 from helpers import randn
@@ -165,12 +160,12 @@ def test_only_the_inputs_are_saved_for_backward(masked):
     assert source.grad is not None
 
 
-# --- StreamingFVU: laws ----------------------------------------------------------------------
+# --- StreamingFVU ---------------------------------------------------------------------------
+# The laws every accumulator shares (merge, identity, copies, checkpoints, hashing, negative
+# counts) are in tests/test_accumulators.py; these tests are StreamingFVU's own.
 
 
 def stream(chunks, shape=(2, 3)):
-    # Copies, so each law is checked on its own: that update leaves its inputs unchanged is
-    # test_update_and_merge_leave_their_inputs_unchanged's job.
     fvu = StreamingFVU.empty(shape)
     for decoded, source in chunks:
         fvu = fvu.update(decoded.clone(), source.clone())
@@ -186,62 +181,6 @@ def assert_close_state(a, b, rtol=1e-12):
     torch.testing.assert_close(a.m2, b.m2, rtol=rtol, atol=rtol * scale)
     torch.testing.assert_close(a.error, b.error, rtol=rtol, atol=rtol * scale)
     torch.testing.assert_close(a.compute(), b.compute(), rtol=rtol, atol=0, equal_nan=True)
-
-
-# Float64 rows shaped (n, 2, 3) with a mean offset, from a seed; decoded = source + noise.
-row_sets = st.builds(
-    lambda n, seed, offset: reconstruction(
-        n, 2, 3, dtype=torch.float64, seed=seed, offset=offset, noise=0.5
-    ),
-    st.integers(0, 24),
-    st.integers(0, 10_000),
-    st.sampled_from([0.0, 2.0, 100.0]),
-)
-
-
-@settings(max_examples=25, deadline=None)
-@given(rows=row_sets, cuts=st.lists(st.integers(0, 24), max_size=5))
-def test_any_split_into_updates_gives_the_same_state(rows, cuts):
-    decoded, source = rows
-    bounds = sorted({min(c, len(source)) for c in cuts} | {0, len(source)})
-    chunks = [(decoded[a:b], source[a:b]) for a, b in itertools.pairwise(bounds)]
-    assert_close_state(stream(chunks), stream([rows]))
-    if len(source) >= 2:
-        torch.testing.assert_close(
-            stream(chunks).compute(), fvu_reference(decoded, source), rtol=1e-12, atol=0
-        )
-
-
-@settings(max_examples=25, deadline=None)
-@given(a=row_sets, b=row_sets, c=row_sets)
-def test_merge_is_associative_and_commutative(a, b, c):
-    a, b, c = stream([a]), stream([b]), stream([c])
-    assert_close_state(a.merge(b).merge(c), a.merge(b.merge(c)))
-    assert_close_state(a.merge(b), b.merge(a))
-
-
-@settings(max_examples=15, deadline=None)
-@given(a=row_sets)
-def test_empty_is_the_identity_of_merge(a):
-    a = stream([a])
-    assert a.merge(StreamingFVU.empty((2, 3))) == a
-    assert StreamingFVU.empty((2, 3)).merge(a) == a
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("masked", [False, True])
-def test_update_and_merge_leave_their_inputs_unchanged(dtype, masked):
-    # float64 matters: there ``source.to(torch.float64)`` is ``source`` itself.
-    a = stream([reconstruction(5, 2, 3, dtype=torch.float64, seed=1)])
-    decoded, source = reconstruction(6, 2, 3, dtype=dtype, seed=2)
-    mask = torch.tensor([True, False, True, True, False, True]) if masked else None
-    a_before = StreamingFVU(*(v.clone() for v in a.state_dict().values()))
-    decoded_before, source_before = decoded.clone(), source.clone()
-    a.update(decoded, source, mask=mask)
-    a.merge(a)
-    assert a == a_before
-    assert torch.equal(decoded, decoded_before)
-    assert torch.equal(source, source_before)
 
 
 def test_update_detaches():
@@ -294,41 +233,6 @@ def test_streaming_edge_cases():
     fvu = empty.update(decoded[:1], source[:1]).update(decoded[1:], source[1:])
     assert fvu.compute()[0].item() == float("inf")
     assert torch.isnan(fvu.compute()[1])
-
-
-# --- StreamingFVU: checkpoints, pickling, construction, errors ---------------------------------
-
-
-def test_state_dict_round_trip_through_torch_save():
-    fvu = stream([reconstruction(7, 2, 3, seed=1), reconstruction(3, 2, 3, seed=2)])
-    buffer = io.BytesIO()
-    torch.save({"fvu": fvu.state_dict()}, buffer)
-    buffer.seek(0)
-    restored = StreamingFVU.from_state_dict(torch.load(buffer, weights_only=True)["fvu"])
-    assert restored == fvu
-    more = reconstruction(4, 2, 3, seed=3)
-    assert restored.update(*more) == fvu.update(*more)
-
-
-def test_pickle_round_trip():
-    fvu = stream([reconstruction(7, 2, 3, seed=1)])
-    restored = pickle.loads(pickle.dumps(fvu))
-    assert isinstance(restored, StreamingFVU)
-    assert restored == fvu
-
-
-def test_negative_count_is_rejected():
-    state = StreamingFVU.empty((2, 3)).state_dict()
-    state["count"] = torch.tensor(-1)
-    with pytest.raises(ValueError, match=r"`count` must not be negative, got -1\."):
-        StreamingFVU(**state)
-    with pytest.raises(ValueError, match=r"`count` must not be negative, got -1\."):
-        StreamingFVU.from_state_dict(state)
-
-
-def test_unhashable():
-    with pytest.raises(TypeError, match="unhashable"):
-        hash(StreamingFVU.empty((3,)))
 
 
 @pytest.mark.parametrize(
