@@ -154,10 +154,9 @@ class StreamingFVU(Accumulator):
 
         Raises:
             TypeError: ``other`` is not a StreamingFVU.
-            ValueError: the two shapes differ.
+            ValueError: the two shapes or devices differ.
         """
-        if not isinstance(other, StreamingFVU):
-            raise TypeError(f"can only merge a StreamingFVU, got {type(other).__name__}.")
+        self._check_mergeable(other)
         if other.mean.shape != self.mean.shape:
             raise ValueError(
                 "cannot merge accumulators of different shapes, "
