@@ -75,7 +75,7 @@ def _kl_gradients(
     reference, logits, *keep = inputs
     assert reference is not None
     assert logits is not None
-    grad_reference = gradient_rows(reference)
+    grad_reference = gradient_rows(reference) if needs[0] else None
     grad_logits = gradient_rows(logits) if needs[1] else None
     all_grads = flat_rows(grad_rows).unsqueeze(-1)
     kept = kept_rows(keep, grad_rows)
