@@ -1,4 +1,4 @@
-"""Benchmarks of the training-loss family: masks, weighted L1, L0, JumpReLU L0, a size sweep.
+"""Benchmarks of the training-loss family: masks, the sparsity terms eager and fused, a size sweep.
 
     python benchmarks/bench_family.py            # the full tables (a few minutes on 2 CPU cores)
     python benchmarks/bench_family.py --quick    # tiny sizes, to check that it runs (CI)
@@ -14,13 +14,21 @@ from _timing import Timer, table
 from bench import mse_loss_l2, seed_l1, seed_l2
 
 from sae_losses import (
+    fused_jumprelu_l0,
+    fused_l0_norm,
     fused_l1_absolute,
     fused_l2_reconstruction,
+    fused_lp_sparsity,
+    fused_tanh_sparsity,
     jumprelu_l0,
     l0_norm,
     l1_absolute,
     l2_reconstruction,
+    lp_sparsity,
+    tanh_sparsity,
 )
+
+FLOOR = "read floor: z.sum()"
 
 
 def masked(timer: Timer, shape: tuple[int, int], device: torch.device) -> list[str]:
@@ -50,21 +58,59 @@ def sparsity_terms(timer: Timer, shape: tuple[int, int], device: torch.device) -
     learned = torch.randn(shape, device=device)
     weight = torch.rand(shape[1], device=device)
     threshold = torch.rand(shape[1], device=device)
-    floor = "read floor: z.sum()"
+    naive_l0 = torch.compile(lambda z: (z.abs() > 0).sum(-1, dtype=z.dtype).mean(0), fullgraph=True)
     results = timer.medians(
         {
-            floor: lambda: learned.sum(),
+            FLOOR: lambda: learned.sum(),
             "l1_absolute": lambda: l1_absolute(learned),
             "l1_absolute(weight=)": lambda: l1_absolute(learned, weight=weight),
             "naive weighted L1 (z.abs() * w).sum(-1)": lambda: (
                 (learned.abs() * weight).sum(-1).mean(0)
             ),
             "l0_norm": lambda: l0_norm(learned),
+            "fused_l0_norm": lambda: fused_l0_norm(learned),
             "naive L0 (z != 0).sum(-1)": lambda: (learned != 0).float().sum(-1).mean(0),
+            "naive L0, inductor": lambda: naive_l0(learned),
             "jumprelu_l0": lambda: jumprelu_l0(learned, threshold, bandwidth=1e-3),
+            "fused_jumprelu_l0": lambda: fused_jumprelu_l0(learned, threshold, bandwidth=1e-3),
         }
     )
-    return table(f"Sparsity terms on {shape}, eager forward", results, floor, None)
+    lines = table(f"Sparsity terms on {shape}, forward", results, FLOOR, None)
+    wanted = [("l0_norm", 2.0), ("jumprelu_l0", 2.0), ("fused_l0_norm", 1.3)]
+    return lines + goals(results, [*wanted, ("fused_jumprelu_l0", 1.3)])
+
+
+def smooth_penalties(timer: Timer, shape: tuple[int, int], device: torch.device) -> list[str]:
+    """Lp and tanh have no eager kernel (the formula runs in row blocks): the fused twins do."""
+    learned = torch.randn(shape, device=device)
+    weight = torch.rand(shape[1], device=device) + 0.5
+    results = timer.medians(
+        {
+            FLOOR: lambda: learned.sum(),
+            "lp_sparsity(p=0.5, weight=)": lambda: lp_sparsity(learned, p=0.5, weight=weight),
+            "fused_lp_sparsity(p=0.5, weight=)": lambda: fused_lp_sparsity(
+                learned, p=0.5, weight=weight
+            ),
+            "tanh_sparsity(weight=)": lambda: tanh_sparsity(learned, scale=4.0, weight=weight),
+            "fused_tanh_sparsity(weight=)": lambda: fused_tanh_sparsity(
+                learned, scale=4.0, weight=weight
+            ),
+        }
+    )
+    lines = table(f"Lp and tanh penalties on {shape}, forward", results, FLOOR, None)
+    return lines + goals(
+        results, [("fused_lp_sparsity(p=0.5, weight=)", 1.3), ("fused_tanh_sparsity(weight=)", 1.3)]
+    )
+
+
+def goals(results: dict[str, float], wanted: list[tuple[str, float]]) -> list[str]:
+    """Issue 20's goals: each candidate's time over the read floor, against its bound."""
+    lines = ["", "| figure | measured | goal | met |", "|---|---|---|---|"]
+    for name, goal in wanted:
+        ratio = results[name] / results[FLOOR]
+        met = "yes" if ratio <= goal else "NO"
+        lines.append(f"| {name} / read floor | {ratio:.2f}x | <= {goal} | {met} |")
+    return lines
 
 
 def sweep(rounds: int, sizes: list[tuple[int, int]], device: torch.device) -> list[str]:
@@ -145,7 +191,9 @@ def main(argv: list[str] | None = None) -> None:
         f"rounds: {rounds}, float32"
     ]
     lines += masked(timer, (64, 48) if args.quick else (4096, 768), device)
-    lines += sparsity_terms(slow_timer, (64, 256) if args.quick else (4096, 16384), device)
+    sparsity_shape = (64, 256) if args.quick else (4096, 16384)
+    lines += sparsity_terms(slow_timer, sparsity_shape, device)
+    lines += smooth_penalties(Timer(device, 2 if args.quick else 5, 1), sparsity_shape, device)
     lines += sweep(2 if args.quick else 9, sizes, device)
     print("\n".join(lines))
 

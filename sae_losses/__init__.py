@@ -9,6 +9,13 @@ from sae_losses._cross_entropy import cross_entropy
 from sae_losses._dead_latents import TokensSinceFired
 from sae_losses._distributed import PendingAllReduce, all_reduce
 from sae_losses._fused import fused_l1_absolute, fused_l2_reconstruction
+from sae_losses._fused_terms import (
+    fused_fraction_of_variance_unexplained,
+    fused_jumprelu_l0,
+    fused_l0_norm,
+    fused_lp_sparsity,
+    fused_tanh_sparsity,
+)
 from sae_losses._fvu import fraction_of_variance_unexplained
 from sae_losses._kl import kl_divergence
 from sae_losses._matryoshka import matryoshka_l2
@@ -35,8 +42,13 @@ __all__ = [
     "cosine_similarity",
     "cross_entropy",
     "fraction_of_variance_unexplained",
+    "fused_fraction_of_variance_unexplained",
+    "fused_jumprelu_l0",
+    "fused_l0_norm",
     "fused_l1_absolute",
     "fused_l2_reconstruction",
+    "fused_lp_sparsity",
+    "fused_tanh_sparsity",
     "jumprelu_l0",
     "kl_divergence",
     "l0_norm",

@@ -1,21 +1,33 @@
 """The fraction of variance unexplained of a batch, and the masked sums StreamingFVU shares.
 
-The batch FVU is a ratio of two sums over the kept rows: the squared error (the L2 row term,
-summed) over the squared deviation about the kept rows' mean (a second row term). Both are row
-terms of :mod:`sae_losses._rowops`, so they save only the inputs for backward; other ratio terms
-(the AuxK loss normalises by the same variance) reuse :func:`fvu_sums` and :func:`ratio_of_sums`.
+The batch FVU is a ratio of two sums over the kept rows: the squared error over the squared
+deviation about the kept rows' mean. It reads ``source`` twice: once for the mean, then once for
+both sums, one row term of :mod:`sae_losses._rowops` with two values per row, so it saves only
+the inputs for backward. Other ratio terms (the AuxK loss normalises by the same variance) reuse
+:func:`fvu_sums` and :func:`ratio_of_sums`; StreamingFVU reuses :func:`kept_mean` when compiled.
 """
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from sae_losses import _rowops
 from sae_losses._checks import accumulation_dtype, check_pair
 from sae_losses._masks import check_mask, row_view
 from sae_losses._reconstruction import L2
-from sae_losses._rowops import RowOp, row_blocks, row_term, uses_plain_formula
+from sae_losses._reconstruction import _difference as difference_in
+from sae_losses._rowops import (
+    EAGER,
+    Gradients,
+    RowOp,
+    Strategy,
+    Tensors,
+    row_term,
+    uses_plain_formula,
+)
 
 __all__ = [
+    "ERROR_AND_DEVIATION",
     "fraction_of_variance_unexplained",
     "fvu_sums",
     "kept_mean",
@@ -39,25 +51,93 @@ def kept_mean(source: Tensor, keep: Tensor | None, dtype: torch.dtype) -> Tensor
     first = torch.zeros(1, dtype=torch.int64, device=source.device)
     if keep is not None:
         first = keep.to(torch.uint8).argmax().reshape(1)  # argmax, not nonzero: no host sync
-    pivot = source.index_select(0, first).to(dtype)
-    blocks = [slice(None)] if uses_plain_formula((source,)) else row_blocks(source)
-    total = torch.zeros_like(pivot[0])
-    for block in blocks:
-        shifted = source[block].to(dtype) - pivot
+    pivot = source.index_select(0, first).to(dtype)[0]
+    if uses_plain_formula((source,)):
+        shifted = source.to(dtype) - pivot
         if keep is not None:
-            shifted = torch.where(row_view(keep[block], shifted), shifted, 0)
-        total = total + shifted.sum(0)
+            shifted = torch.where(row_view(keep, shifted), shifted, 0)
+        total = shifted.sum(0)
+    else:
+        total = _shifted_sums(source, pivot, keep)
     if keep is None:
-        return pivot[0] + total / source.shape[0]
+        return pivot + total / source.shape[0]
     count = keep.sum(dtype=dtype)
-    return torch.where(count > 0, pivot[0] + total / count.clamp(min=1), 0)
+    return torch.where(count > 0, pivot + total / count.clamp(min=1), 0)
 
 
-def _squared_deviation(source: Tensor, mean: Tensor, *, dtype: torch.dtype) -> Tensor:
-    return (source.to(dtype) - mean).square().sum(-1)
+def _shifted_sums(source: Tensor, pivot: Tensor, keep: Tensor | None) -> Tensor:
+    """``sum_b (x_b - p)`` over the kept rows: each block of rows is shifted into one reused
+    buffer, then summed by a matrix-vector product (a column sum costs about twice as much)."""
+    blocks = _rowops.row_blocks(source)
+    size = source.shape[0] if blocks[0].stop is None else min(blocks[0].stop, source.shape[0])
+    buffer = torch.empty((size, *source.shape[1:]), dtype=pivot.dtype, device=source.device)
+    ones = torch.ones(size, dtype=pivot.dtype, device=source.device)
+    total = torch.zeros(pivot.numel(), dtype=pivot.dtype, device=source.device)
+    dropped = None if keep is None else ~keep
+    for block in blocks:
+        part = source[block]
+        rows = part.shape[0]
+        shifted = torch.sub(part, pivot, out=buffer[:rows])
+        if dropped is not None:  # a fill, not a product: dropped rows may hold NaN or Inf
+            shifted.masked_fill_(row_view(dropped[block], shifted), 0)
+        total.addmv_(shifted.reshape(rows, -1).T, ones[:rows])
+    return total.reshape(pivot.shape)
 
 
-SQUARED_DEVIATION = RowOp(_squared_deviation)
+def _error_and_deviation(
+    decoded: Tensor, source: Tensor, mean: Tensor, *, dtype: torch.dtype
+) -> Tensor:
+    s = source.to(dtype)
+    error = (decoded.to(dtype) - s).square().sum(-1)
+    return torch.stack((error, (s - mean).square().sum(-1)), -1)
+
+
+_NO_REDUCTION = 0  # torch's enum value for reduction="none"
+
+
+def _squares_into(out: Tensor, input: Tensor, target: Tensor) -> Tensor:
+    """``(input - target)^2`` written into ``out``: mse_loss squares while it subtracts."""
+    mse = torch._C._nn.mse_loss
+    return mse(input, target, _NO_REDUCTION, out=out)  # type: ignore[arg-type, call-arg]
+
+
+def _error_and_deviation_kernel(
+    decoded: Tensor, source: Tensor, mean: Tensor, *, dtype: torch.dtype
+) -> Tensor:
+    # Both squares go through one temporary per block of rows.
+    if decoded.dtype == source.dtype == dtype:
+        squares = torch.empty_like(source)
+        error = _squares_into(squares, decoded, source).sum(-1)
+        deviation = _squares_into(squares, source, mean.expand_as(source)).sum(-1)
+        return torch.stack((error, deviation), -1)
+    squares = difference_in(decoded, source, dtype)
+    error = squares.square_().sum(-1)
+    return torch.stack((error, torch.sub(source, mean, out=squares).square_().sum(-1)), -1)
+
+
+def _error_and_deviation_gradients(
+    inputs: Tensors, grad_rows: Tensor, dtype: torch.dtype, needs: tuple[bool, ...]
+) -> Gradients:
+    """d/d(decoded) = 2 (d - s) g_e; d/d(source) = 2 (s - mean) g_v - 2 (d - s) g_e."""
+    decoded, source, mean = inputs
+    assert decoded is not None
+    assert source is not None
+    assert mean is not None
+    error_scale, deviation_scale = (2 * grad_rows).unsqueeze(-2).unbind(-1)
+    # Nothing autograd saved is modified in place, so a double backward can run through this.
+    scaled = difference_in(decoded, source, dtype).mul_(error_scale)
+    grad_source = None
+    if needs[1]:
+        grad_source = torch.sub(source, mean).mul_(deviation_scale).sub_(scaled)
+        grad_source = grad_source.to(source.dtype)
+    return scaled.to(decoded.dtype) if needs[0] else None, grad_source, None
+
+
+# Per row: the squared error and the squared deviation about a given (detached) mean, in one
+# pass over ``decoded`` and ``source``.
+ERROR_AND_DEVIATION = RowOp(
+    _error_and_deviation, _error_and_deviation_kernel, _error_and_deviation_gradients
+)
 
 
 def squared_error_sum(decoded: Tensor, source: Tensor, mask: Tensor | None) -> Tensor:
@@ -65,19 +145,30 @@ def squared_error_sum(decoded: Tensor, source: Tensor, mask: Tensor | None) -> T
     return row_term(L2, (decoded, source), reduce="sum", mask=mask) * decoded.shape[-1]
 
 
-def fvu_sums(decoded: Tensor, source: Tensor, mask: object) -> tuple[Tensor, Tensor, Tensor | int]:
+def fvu_sums(
+    decoded: Tensor, source: Tensor, mask: object, *, strategy: Strategy = EAGER
+) -> tuple[Tensor, Tensor, Tensor | int]:
     """The FVU's numerator and denominator, ``(*component)``, and the number of kept rows.
 
-    The mean is detached: the derivative of the sum of squared deviations with respect to the
-    mean is exactly 0 (the deviations sum to 0), so it sends no gradient and needs no pass.
+    Two passes over ``source``: the mean of the kept rows, then the squared error and the
+    squared deviations about that mean together (one row term). The mean is detached: the
+    derivative of the sum of squared deviations with respect to the mean is exactly 0 (the
+    deviations sum to 0), so it sends no gradient. ``strategy`` is the row term's: eager or
+    fused.
     """
     checked = check_mask(mask, decoded, weights_allowed=False)
     dtype = accumulation_dtype(decoded.dtype, source.dtype)
     mean = kept_mean(source, checked, dtype)
-    error = squared_error_sum(decoded, source, checked)
-    variance = row_term(SQUARED_DEVIATION, (source,), (mean,), reduce="sum", mask=checked)
+    sums = row_term(
+        ERROR_AND_DEVIATION,
+        (decoded, source),
+        (mean,),
+        reduce="sum",
+        mask=checked,
+        strategy=strategy,
+    )
     count = source.shape[0] if checked is None else checked.sum()
-    return error, variance, count
+    return sums[..., 0], sums[..., 1], count
 
 
 def ratio_of_sums(

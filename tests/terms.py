@@ -294,6 +294,12 @@ def compiled_twin(name, function):
 TERMS += [
     compiled_twin("l2_reconstruction", "fused_l2_reconstruction"),
     compiled_twin("l1_absolute_weighted", "fused_l1_absolute"),
+    compiled_twin("l0_norm", "fused_l0_norm"),
+    compiled_twin("jumprelu_l0", "fused_jumprelu_l0"),
+    compiled_twin("lp_sparsity", "fused_lp_sparsity"),
+    compiled_twin("lp_sparsity_root", "fused_lp_sparsity"),
+    compiled_twin("tanh_sparsity", "fused_tanh_sparsity"),
+    compiled_twin("fraction_of_variance_unexplained", "fused_fraction_of_variance_unexplained"),
 ]
 
 # Public names that are not terms, and where they are tested.

@@ -327,6 +327,27 @@ def test_kl_with_minus_infinity_logits():
     assert grad_logits.isfinite().all()
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("blocked", [False, True])
+def test_a_nan_or_plus_inf_logit_in_a_kept_row_gives_nan(monkeypatch, bad, blocked):
+    # Not a silent number: the KL kernel zeroes its 0 * inf terms, but never a NaN row.
+    if blocked:
+        monkeypatch.setattr(_rowops, "BLOCK_ELEMENTS", 10)
+    reference, logits = draw((6, 5), seed=32), draw((6, 5), seed=33)
+    targets = targets_for(logits, seed=34)
+    spoiled = [t.clone() for t in (reference, logits)]
+    spoiled[0][1, 2] = bad
+    spoiled[1][4, 0] = bad
+    spoiled[0][5] = -math.inf  # a row of -inf logits is no distribution either
+    kl = kl_divergence(*spoiled, reduce="none")
+    ce = cross_entropy(spoiled[1], targets, reduce="none")
+    ce_reference = cross_entropy(spoiled[0], targets, reduce="none")
+    assert kl[[1, 4, 5]].isnan().all()
+    assert kl[[0, 2, 3]].isfinite().all()
+    assert ce[4].isnan()
+    assert ce_reference[[1, 5]].isnan().all()
+
+
 def test_vocabulary_of_one():
     for dtype in (torch.float64, torch.bfloat16):
         logits = draw((4, 2, 1), dtype, seed=30).requires_grad_()
