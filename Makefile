@@ -39,18 +39,19 @@ clean:
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
-# The full benchmark tables (about 10 minutes on 2 CPU cores); see benchmarks/README.md.
+# The full benchmark tables (about 10 minutes on 2 quiet CPU cores); see benchmarks/README.md.
+# BEFORE is the commit bench_versions.py times this checkout against (default: 0.2.0).
+BEFORE ?= f9ff003
+BENCHES = bench bench_family bench_eval bench_auxk bench_matryoshka bench_logits bench_downstream
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench.py
-	$(BIN)/python benchmarks/bench_family.py
-	$(BIN)/python benchmarks/bench_eval.py
+	for b in $(BENCHES); do $(BIN)/python benchmarks/$$b.py || exit 1; done
+	$(BIN)/python benchmarks/bench_versions.py --before $(BEFORE)
 
 # The same scripts at tiny sizes and 2 rounds (--quick), to check that they run; the figures mean
 # nothing. tests/test_examples.py runs the same smoke test inside `make test`.
 bench-smoke: $(STAMP)
-	$(BIN)/python benchmarks/bench.py --quick
-	$(BIN)/python benchmarks/bench_family.py --quick
-	$(BIN)/python benchmarks/bench_eval.py --quick
+	for b in $(BENCHES); do $(BIN)/python benchmarks/$$b.py --quick || exit 1; done
+	$(BIN)/python benchmarks/bench_versions.py --quick
 
 # `make test-peers`: the real-peer conformance suite, one venv per peer (see peers/).
 -include peers/peers.mk

@@ -677,12 +677,13 @@ def _record_warning(message, category, filename, lineno, file=None, line=None) -
 def fallback_marks() -> tuple[int, str]:
     """How many times the fused functions fell back to the eager kernels so far, and why.
 
-    Reads the fallback warning and, where they exist, the private records of ``sae_losses._fused``
-    (one per input kind that runs eagerly), so a fused row cannot pass on the eager kernels.
+    Reads the fallback warning and, where they exist, the private records of
+    ``sae_losses._compile_cache`` (one per input kind that runs eagerly), so a fused row cannot
+    pass on the eager kernels.
     """
     reasons = [w for w in _WARNINGS if "fused" in w and "eager" in w]
     count = len(reasons)
-    module = sys.modules.get("sae_losses._fused")
+    module = sys.modules.get("sae_losses._compile_cache")
     for name in ("_fallback", "_eager_keys"):
         state = getattr(module, name, None)
         if isinstance(state, list | tuple | dict | set):

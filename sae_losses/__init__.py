@@ -4,7 +4,7 @@ The public surface is exactly ``__all__``; everything else lives in private modu
 """
 
 from sae_losses._auxk import auxk_loss, auxk_reconstruction
-from sae_losses._counts import jumprelu_l0, l0_norm
+from sae_losses._counts import l0_norm
 from sae_losses._cross_entropy import cross_entropy
 from sae_losses._dead_latents import TokensSinceFired
 from sae_losses._distributed import PendingAllReduce, all_reduce
@@ -17,15 +17,18 @@ from sae_losses._fused_terms import (
     fused_tanh_sparsity,
 )
 from sae_losses._fvu import fraction_of_variance_unexplained
+from sae_losses._jumprelu import jumprelu_l0
 from sae_losses._kl import kl_divergence
 from sae_losses._matryoshka import matryoshka_l2
-from sae_losses._penalties import l1_absolute, lp_sparsity, tanh_sparsity
+from sae_losses._norm_ratio import l2_norm_ratio
+from sae_losses._penalties import l1_absolute, lp_sparsity
 from sae_losses._reconstruction import l2_reconstruction
 from sae_losses._reconstruction_bias import StreamingReconstructionBias
-from sae_losses._similarity import cosine_similarity, l2_norm_ratio
+from sae_losses._similarity import cosine_similarity
 from sae_losses._splice_scores import StreamingSpliceScores
 from sae_losses._streaming import StreamingMean
 from sae_losses._streaming_fvu import StreamingFVU
+from sae_losses._tanh import tanh_sparsity
 from sae_losses._version import __version__
 
 __all__ = [

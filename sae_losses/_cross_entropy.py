@@ -20,8 +20,7 @@ from sae_losses._logits import (
     vocab_blocks,
     vocab_row_term,
 )
-from sae_losses._masks import check_mask, keep_of, row_view
-from sae_losses._penalties import Mask
+from sae_losses._masks import Mask, check_mask, keep_of, row_view
 from sae_losses._rowops import Gradients, RowOp, Tensors
 
 __all__ = ["cross_entropy"]

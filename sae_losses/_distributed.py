@@ -15,8 +15,6 @@ exactly without a reference point every rank agrees on (see ``benchmarks/README.
 metric buffers are kilobytes, so gathering ``world_size`` of them costs what a sum costs.
 """
 
-import collections
-import hashlib
 from collections.abc import Callable
 from typing import Any, Generic, Literal, TypeVar, cast, overload
 
@@ -25,74 +23,19 @@ import torch.distributed as dist
 import torch.utils._pytree as pytree
 
 from sae_losses._accumulator import Accumulator
+from sae_losses._tree_checks import (
+    INVALID_FINGERPRINT,
+    describe_tree,
+    is_accumulator,
+    local_error,
+    mismatch_message,
+    tree_fingerprint,
+)
 
 __all__ = ["PendingAllReduce", "all_reduce"]
 
 T = TypeVar("T")
 _HEADER = 2  # fingerprint, buffer length
-_INVALID = -1.0  # the fingerprint of a tree that failed its rank's checks; valid ones are >= 0
-
-
-def _is_leaf(x: object) -> bool:
-    return isinstance(x, Accumulator)
-
-
-def _structure(spec: pytree.TreeSpec) -> str:
-    """The tree's containers, e.g. ``dict('a': list(*, *))``: dict keys sorted, types named."""
-    if spec.is_leaf():
-        return "*"
-    children_of = getattr(spec, "children", None)  # older torch: `children_specs` only
-    specs = children_of() if callable(children_of) else spec.children_specs
-    children = [_structure(child) for child in specs]
-    if isinstance(spec.type, type) and issubclass(spec.type, dict):
-        keys = spec.context[-1] if spec.type is collections.defaultdict else spec.context
-        children = [f"{k}: {c}" for k, c in sorted(zip(map(repr, keys), children, strict=True))]
-    kind = spec.context if isinstance(spec.context, type) else spec.type  # a namedtuple's class
-    return f"{getattr(kind, '__qualname__', repr(kind))}({', '.join(children)})"
-
-
-def _describe_tree(paths: list[str], leaves: list[Accumulator], spec: pytree.TreeSpec) -> str:
-    described = "; ".join(
-        f"{path}: {type(leaf).__name__}{[tuple(v.shape) for v in leaf._values()]}"
-        for path, leaf in zip(paths, leaves, strict=True)
-    )
-    return f"{described or 'an empty tree'}, in {_structure(spec)}"
-
-
-def _stable_hash(description: str, length: int) -> float:
-    """48 bits of a stable hash: exact in float64, and equal across processes."""
-    digest = hashlib.blake2b(f"{description}|{length}".encode(), digest_size=6).digest()
-    return float(int.from_bytes(digest, "big"))
-
-
-# hashlib cannot be traced, and the fingerprint is a constant of the tree anyway.
-_fingerprint: Callable[[str, int], float] = torch._dynamo.assume_constant_result(  # type: ignore[no-untyped-call]
-    _stable_hash
-)
-
-
-def _mismatch_message(description: str, fingerprints: list[float]) -> str:
-    failed = " (-1: that rank's tree failed its own checks)" if _INVALID in fingerprints else ""
-    return (
-        "all_reduce: the ranks passed different trees (tree fingerprints by rank: "
-        f"{[int(f) for f in fingerprints]}{failed}). Every rank must pass a tree with the same "
-        "keys, the same accumulator types and the same shapes, in the same call. This rank "
-        f"passed: {description}."
-    )
-
-
-def _local_error(tree: list[Any], leaves: list[Accumulator]) -> Exception | None:
-    """What this rank's tree fails, checked before the collective and raised after it."""
-    for leaf in tree:
-        if not _is_leaf(leaf):
-            return TypeError(
-                "all_reduce combines StreamingMean and StreamingFVU leaves only, "
-                f"got a {type(leaf).__name__}."
-            )
-    devices = sorted({str(leaf.count.device) for leaf in leaves})
-    if len(devices) > 1:
-        return ValueError(f"all_reduce: the accumulators are on different devices, {devices}.")
-    return None
 
 
 class PendingAllReduce(Generic[T]):
@@ -175,9 +118,9 @@ def all_reduce(
         >>> all_reduce(metrics, async_op=True).wait()["l2"].count
         tensor(2)
     """
-    with_paths, spec = pytree.tree_flatten_with_path(tree, is_leaf=_is_leaf)
+    with_paths, spec = pytree.tree_flatten_with_path(tree, is_leaf=is_accumulator)
     if not (dist.is_available() and dist.is_initialized()):
-        error = _local_error([leaf for _, leaf in with_paths], [])
+        error = local_error([leaf for _, leaf in with_paths], [])
         if error is not None:
             raise error
         return PendingAllReduce(None, lambda: tree) if async_op else tree
@@ -188,21 +131,21 @@ def all_reduce(
         )
 
     order = sorted(
-        (i for i, (_, leaf) in enumerate(with_paths) if _is_leaf(leaf)),
+        (i for i, (_, leaf) in enumerate(with_paths) if is_accumulator(leaf)),
         key=lambda i: pytree.keystr(with_paths[i][0]),
     )
     leaves: list[Accumulator] = [with_paths[i][1] for i in order]
     # Checked here, raised after the collective: this rank must still take part in it.
-    error = _local_error([leaf for _, leaf in with_paths], leaves)
-    description = _describe_tree([pytree.keystr(with_paths[i][0]) for i in order], leaves, spec)
+    error = local_error([leaf for _, leaf in with_paths], leaves)
+    description = describe_tree([pytree.keystr(with_paths[i][0]) for i in order], leaves, spec)
     sizes = [sum(v.numel() for v in leaf._values()) for leaf in leaves]
     length = _HEADER + sum(sizes)
     if error is None:
-        fingerprint = _fingerprint(description, length)
+        fingerprint = tree_fingerprint(description, length)
         device = leaves[0].count.device if leaves else _group_device(group)
         parts = [leaf._pack() for leaf in leaves]
     else:  # the others get a fingerprint no valid tree has, and raise
-        fingerprint, device = _INVALID, _group_device(group)
+        fingerprint, device = INVALID_FINGERPRINT, _group_device(group)
         parts = [torch.zeros(length - _HEADER, dtype=torch.float64, device=device)]
     header = torch.tensor([fingerprint, length], dtype=torch.float64, device=device)
     buffer = torch.cat([header, *parts])
@@ -223,8 +166,8 @@ def all_reduce(
 
         gathered = funcol.all_gather_tensor(buffer, 0, group or cast(Any, dist.group.WORLD))
         fingerprints = gathered.reshape(world, length)[:, 0]
-        same = (fingerprints == fingerprint).all() & (fingerprints != _INVALID).all()
-        message = _mismatch_message(description, []) if error is None else str(error)
+        same = (fingerprints == fingerprint).all() & (fingerprints != INVALID_FINGERPRINT).all()
+        message = mismatch_message(description, []) if error is None else str(error)
         torch._assert_async(same, message)
         result = tree if error is not None else finish(gathered)
         return PendingAllReduce(None, lambda: result) if async_op else result
@@ -239,7 +182,7 @@ def all_reduce(
     def check_and_finish() -> T:
         fingerprints = gathered.reshape(world, length)[:, 0].tolist()
         if any(f != fingerprint for f in fingerprints):
-            raise ValueError(_mismatch_message(description, fingerprints))
+            raise ValueError(mismatch_message(description, fingerprints))
         return finish(gathered)
 
     if async_op:

@@ -6,13 +6,8 @@ Triton on CUDA) that reads each input once, where the eager kernels need extra p
 cached temporaries. The checks, errors, masks, dtype policy and results are the eager term's.
 The other twins are in ``_fused_terms``; ``docs/compiled.md`` says when to use them.
 
-Each combination of dtypes, ranks, stride orders, ``requires_grad`` flags and options gets its
-own compiled function, so it compiles once (plus one dynamic-shape recompile when the batch size
-first changes) and no combination counts against another's recompile limit. Where one kind of
-input cannot be compiled (no C++ compiler, no Triton, dynamo's recompile limit for an exotic
-layout, or a runtime type checker whose wrappers dynamo cannot trace), that kind runs the eager
-kernels from then on, with the same numbers, and every other kind is unaffected; the first build
-failure warns once.
+Each kind of input gets its own compiled function, and a kind that cannot be compiled runs the
+eager kernels, with the same numbers: see ``sae_losses._compile_cache``.
 
 Backward runs the op's hand-written gradients compiled or, for an op without them, the compiled
 vector-Jacobian product of its formula (``torch.func.vjp``). A double backward
@@ -20,11 +15,6 @@ vector-Jacobian product of its formula (``torch.func.vjp``). A double backward
 backward kernels are not meant to be differentiated again.
 """
 
-import functools
-import inspect
-import types
-import warnings
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,100 +22,12 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from sae_losses._checks import Reduce
+from sae_losses._compile_cache import run_compiled
 from sae_losses._penalties import l1_loss
 from sae_losses._reconstruction import l2_loss
-from sae_losses._rowops import (
-    EAGER,
-    Gradients,
-    RowOp,
-    RowSpec,
-    Strategy,
-    Tensors,
-    batched_backward,
-)
+from sae_losses._rowops import EAGER, Gradients, RowOp, RowSpec, Strategy, Tensors, batched_backward
 
 __all__ = ["FUSED", "fused_l1_absolute", "fused_l2_reconstruction"]
-
-_warned: list[str] = []  # the first build failure, once it has been reported
-_eager_keys: set[tuple[Any, ...]] = set()  # input kinds whose kernels could not be compiled
-
-
-@functools.cache
-def _compiled(function: Callable[..., Any], key: tuple[Any, ...]) -> Callable[..., Any]:
-    # Dynamo counts recompiles per code object, not per torch.compile wrapper: each key gets a
-    # fresh copy of the function's code, so each has its own budget. A runtime type checker
-    # (jaxtyping's import hook) wraps the function: compile the function it wraps.
-    del key
-    original = inspect.unwrap(function)
-    copy = types.FunctionType(
-        original.__code__.replace(),
-        original.__globals__,
-        original.__name__,
-        original.__defaults__,
-        original.__closure__,
-    )
-    return torch.compile(copy, fullgraph=True)
-
-
-def _layout(t: Tensor) -> tuple[int, ...]:
-    """The order of the strides (a transpose or an expand differs from a contiguous tensor)."""
-    strides = t.stride()
-    return tuple(sorted(range(t.ndim), key=lambda d: (-strides[d], d)))
-
-
-def _signature(value: Any) -> Any:
-    """What a compiled kernel specialises on: dtypes, ranks, layouts, grad flags and options."""
-    if isinstance(value, Tensor):
-        return (value.dtype, value.ndim, value.requires_grad, _layout(value), 0 in value.stride())
-    if isinstance(value, RowSpec):
-        return (value.op, value.n_batched, value.dtype, _signature(dict(value.options)))
-    if isinstance(value, tuple | list):
-        return tuple(_signature(v) for v in value)
-    if isinstance(value, dict):
-        return tuple(sorted((k, _signature(v)) for k, v in value.items()))
-    return value
-
-
-def _run(eager: Callable[..., Any], function: Callable[..., Any], *args: Any) -> Any:
-    key = (function, _signature(args))
-    if key not in _eager_keys:
-        try:
-            return _compiled(function, key)(*args)
-        except Exception as error:
-            if not _is_compile_failure(error):
-                raise
-            _eager_keys.add(key)
-            if _is_build_failure(error) and not _warned:
-                _warned.append(f"{type(error).__name__}: {error}".splitlines()[0])
-                warnings.warn(
-                    "sae_losses: torch.compile could not build the fused kernels "
-                    f"({_warned[0]}); inputs of that kind run the eager kernels from now on.",
-                    RuntimeWarning,
-                    stacklevel=5,
-                )
-    return eager(*args)
-
-
-def _is_build_failure(error: Exception) -> bool:
-    """Inductor could not build a kernel: no C++ compiler, no Triton, a broken toolchain."""
-    from torch._dynamo.exc import BackendCompilerFailed
-
-    failures: tuple[type[Exception], ...] = (BackendCompilerFailed, OSError)
-    try:
-        from torch._inductor.exc import InductorError
-
-        failures += (InductorError,)
-    except ImportError:  # older torch raises BackendCompilerFailed
-        pass
-    return isinstance(error, failures)
-
-
-def _is_compile_failure(error: Exception) -> bool:
-    """A build failure, dynamo's recompile limit for one kind of input (exotic layouts), or code
-    dynamo cannot trace (a runtime type checker's wrappers, such as jaxtyping's import hook)."""
-    from torch._dynamo.exc import FailOnRecompileLimitHit, Unsupported
-
-    return _is_build_failure(error) or isinstance(error, FailOnRecompileLimitHit | Unsupported)
 
 
 def _formula_rows(op: RowOp, dtype: torch.dtype, options: dict[str, Any], *inputs: Any) -> Tensor:
@@ -171,7 +73,7 @@ def _formula_gradients(
 def _fused_rows(spec: RowSpec, inputs: Tensors) -> Tensor:
     # The compiled functions take the spec's fields, not the spec: a fresh object per call would
     # be a new constant to dynamo's guards.
-    rows: Tensor = _run(
+    rows: Tensor = run_compiled(
         lambda *_: EAGER.rows(spec, inputs),
         _formula_rows,
         spec.op,
@@ -187,7 +89,7 @@ def _fused_gradients(
 ) -> Gradients:
     if batched_backward(grad_rows):
         return EAGER.gradients(spec, inputs, grad_rows, needs)
-    grads: Gradients = _run(
+    grads: Gradients = run_compiled(
         lambda *_: EAGER.gradients(spec, inputs, grad_rows, needs),
         _hand_written_gradients if spec.op.gradients else _formula_gradients,
         spec.op,

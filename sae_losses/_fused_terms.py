@@ -9,11 +9,14 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from sae_losses._checks import Reduce, check_pair, check_positive_float
-from sae_losses._counts import jumprelu_loss, l0_loss
+from sae_losses._counts import l0_loss
 from sae_losses._fused import FUSED
 from sae_losses._fvu import fvu_sums, ratio_of_sums
-from sae_losses._penalties import LP, TANH, Mask, check_learned
-from sae_losses._rowops import row_term
+from sae_losses._jumprelu import jumprelu_loss
+from sae_losses._masks import Mask
+from sae_losses._penalties import LP, check_learned
+from sae_losses._row_term import row_term
+from sae_losses._tanh import TANH
 
 __all__ = [
     "fused_fraction_of_variance_unexplained",

@@ -1,87 +1,31 @@
-"""The fraction of variance unexplained of a batch, and the masked sums StreamingFVU shares.
+"""The fraction of variance unexplained of a batch, and the masked sums other ratio terms share.
 
 The batch FVU is a ratio of two sums over the kept rows: the squared error over the squared
-deviation about the kept rows' mean. It reads ``source`` twice: once for the mean, then once for
-both sums, one row term of :mod:`sae_losses._rowops` with two values per row, so it saves only
-the inputs for backward. Other ratio terms (the AuxK loss normalises by the same variance) reuse
-:func:`fvu_sums` and :func:`ratio_of_sums`; StreamingFVU reuses :func:`kept_mean` when compiled.
+deviation about the kept rows' mean (:func:`sae_losses._batch_moments.kept_mean`). It reads
+``source`` twice: once for the mean, then once for both sums, one
+:func:`sae_losses._row_term.row_term` with two values per row, so it saves only the inputs for
+backward.
+Other ratio terms (the AuxK loss normalises by the same variance) reuse :func:`fvu_sums` and
+:func:`ratio_of_sums`.
 """
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from sae_losses import _rowops
+from sae_losses._batch_moments import kept_mean
 from sae_losses._checks import accumulation_dtype, check_pair
-from sae_losses._masks import check_mask, row_view
-from sae_losses._reconstruction import L2
+from sae_losses._masks import check_mask
 from sae_losses._reconstruction import _difference as difference_in
-from sae_losses._rowops import (
-    EAGER,
-    Gradients,
-    RowOp,
-    Strategy,
-    Tensors,
-    row_term,
-    uses_plain_formula,
-)
+from sae_losses._row_term import row_term
+from sae_losses._rowops import EAGER, Gradients, RowOp, Strategy, Tensors
 
 __all__ = [
     "ERROR_AND_DEVIATION",
     "fraction_of_variance_unexplained",
     "fvu_sums",
-    "kept_mean",
     "ratio_of_sums",
-    "squared_error_sum",
 ]
-
-
-def kept_mean(source: Tensor, keep: Tensor | None, dtype: torch.dtype) -> Tensor:
-    r"""The mean of the kept rows, ``(*component, feature)`` in ``dtype``, with no gradient.
-
-    It is taken about a pivot :math:`p`, the first kept row: :math:`p + \sum_b (x_b - p) / n`.
-    Where every kept row equals :math:`p`, the sum is exactly 0, so a constant component has
-    exactly its value as mean and exactly 0 as variance, in any dtype (a plain float32 sum of
-    ``3000.11`` three times is not exact). With no kept row it is 0, so that it stays finite
-    in the gradients of masked rows.
-    """
-    source = source.detach()
-    if source.shape[0] == 0:
-        return torch.zeros(source.shape[1:], dtype=dtype, device=source.device)
-    first = torch.zeros(1, dtype=torch.int64, device=source.device)
-    if keep is not None:
-        first = keep.to(torch.uint8).argmax().reshape(1)  # argmax, not nonzero: no host sync
-    pivot = source.index_select(0, first).to(dtype)[0]
-    if uses_plain_formula((source,)):
-        shifted = source.to(dtype) - pivot
-        if keep is not None:
-            shifted = torch.where(row_view(keep, shifted), shifted, 0)
-        total = shifted.sum(0)
-    else:
-        total = _shifted_sums(source, pivot, keep)
-    if keep is None:
-        return pivot + total / source.shape[0]
-    count = keep.sum(dtype=dtype)
-    return torch.where(count > 0, pivot + total / count.clamp(min=1), 0)
-
-
-def _shifted_sums(source: Tensor, pivot: Tensor, keep: Tensor | None) -> Tensor:
-    """``sum_b (x_b - p)`` over the kept rows: each block of rows is shifted into one reused
-    buffer, then summed by a matrix-vector product (a column sum costs about twice as much)."""
-    blocks = _rowops.row_blocks(source)
-    size = source.shape[0] if blocks[0].stop is None else min(blocks[0].stop, source.shape[0])
-    buffer = torch.empty((size, *source.shape[1:]), dtype=pivot.dtype, device=source.device)
-    ones = torch.ones(size, dtype=pivot.dtype, device=source.device)
-    total = torch.zeros(pivot.numel(), dtype=pivot.dtype, device=source.device)
-    dropped = None if keep is None else ~keep
-    for block in blocks:
-        part = source[block]
-        rows = part.shape[0]
-        shifted = torch.sub(part, pivot, out=buffer[:rows])
-        if dropped is not None:  # a fill, not a product: dropped rows may hold NaN or Inf
-            shifted.masked_fill_(row_view(dropped[block], shifted), 0)
-        total.addmv_(shifted.reshape(rows, -1).T, ones[:rows])
-    return total.reshape(pivot.shape)
 
 
 def _error_and_deviation(
@@ -138,11 +82,6 @@ def _error_and_deviation_gradients(
 ERROR_AND_DEVIATION = RowOp(
     _error_and_deviation, _error_and_deviation_kernel, _error_and_deviation_gradients
 )
-
-
-def squared_error_sum(decoded: Tensor, source: Tensor, mask: Tensor | None) -> Tensor:
-    """``(*component)``: the squared error summed over the kept rows and the features."""
-    return row_term(L2, (decoded, source), reduce="sum", mask=mask) * decoded.shape[-1]
 
 
 def fvu_sums(

@@ -24,8 +24,7 @@ from sae_losses._logits import (
     vocab_blocks,
     vocab_row_term,
 )
-from sae_losses._masks import row_view
-from sae_losses._penalties import Mask
+from sae_losses._masks import Mask, row_view
 from sae_losses._rowops import Gradients, RowOp, Tensors
 
 __all__ = ["kl_divergence"]

@@ -6,7 +6,7 @@ token), and a row's temporaries are ``vocab`` long, so a float32 copy of a whole
 into blocks of about ``_rowops.BLOCK_ELEMENTS`` elements, as views: ``logits[:, :-1]``, whose
 leading axes do not merge, is walked one batch row at a time instead of being copied.
 
-:func:`vocab_row_term` is :func:`sae_losses._rowops.row_term` for such terms. ``row_term``'s
+:func:`vocab_row_term` is :func:`sae_losses._row_term.row_term` for such terms. ``row_term``'s
 backward zeroes the dropped rows of every batched input with ``torch.where`` before computing the
 gradient: here that would be a full copy of the logits. Instead the rows' ``keep`` is handed to
 the op as its last batched input, and the op's gradients apply it block by block.
@@ -20,6 +20,7 @@ from torch import Tensor
 
 from sae_losses._checks import check_floating, check_reduce, shape_str
 from sae_losses._masks import check_mask, keep_of, row_view
+from sae_losses._row_term import reduce_rows, row_term
 from sae_losses._rowops import (
     EAGER,
     Gradients,
@@ -27,9 +28,7 @@ from sae_losses._rowops import (
     RowSpec,
     Tensors,
     formula_gradients,
-    reduce_rows,
     row_blocks,
-    row_term,
 )
 
 __all__ = [

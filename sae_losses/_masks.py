@@ -6,11 +6,15 @@ any per-row tensor the shape ``(batch, 1, ..., 1)`` that broadcasts against an i
 """
 
 import torch
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from sae_losses._checks import check_floating, shape_str
 
-__all__ = ["check_mask", "keep_of", "row_view"]
+__all__ = ["Mask", "check_mask", "keep_of", "row_view"]
+
+# The annotation of every term's `mask` argument: bool rows to keep, or row weights.
+Mask = Bool[Tensor, " batch"] | Float[Tensor, " batch"] | None
 
 
 def check_mask(mask: object, like: Tensor, *, weights_allowed: bool = True) -> Tensor | None:

@@ -8,7 +8,8 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from sae_losses._checks import Reduce, check_pair
-from sae_losses._rowops import EAGER, Gradients, RowOp, Strategy, Tensors, row_term
+from sae_losses._row_term import row_term
+from sae_losses._rowops import EAGER, Gradients, RowOp, Strategy, Tensors
 
 __all__ = ["L2", "l2_loss", "l2_reconstruction"]
 

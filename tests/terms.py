@@ -304,7 +304,7 @@ TERMS += [
 
 # Public names that are not terms, and where they are tested.
 NOT_TERMS = {
-    "PendingAllReduce": "tests/test_distributed.py",
+    "PendingAllReduce": "tests/test_all_reduce.py",
     "StreamingFVU": "tests/test_fvu.py, tests/test_streaming.py",
     "StreamingMean": "tests/test_streaming.py",
     "StreamingReconstructionBias": "tests/test_downstream.py",
@@ -314,7 +314,7 @@ NOT_TERMS = {
     # contract; its own tests are in tests/test_auxk.py.
     "auxk_reconstruction": "tests/test_auxk.py",
     "__version__": "tests/test_packaging.py",
-    "all_reduce": "tests/test_distributed.py",
+    "all_reduce": "tests/test_all_reduce.py, tests/test_all_reduce_mismatched_trees.py",
 }
 
 

@@ -2,7 +2,8 @@
 
 Modelled on torchmetrics' ``MetricTester`` (rows split over several instances, as over ranks,
 then merged, against one stream and a float64 reference) and torcheval's class tester (merge,
-checkpoint and copy round trips). A new accumulator class is one entry of ``REGISTRY``.
+checkpoint and copy round trips). A new accumulator class is one entry of ``REGISTRY``, and a
+public Accumulator subclass without one fails ``test_every_public_accumulator_class_has_an_entry``.
 
 Exact laws are checked with ``==``; the laws that hold only to rounding are checked to ``TOL``:
 every float64 field of the two results agrees within ``TOL`` times (1 + its largest magnitude),
@@ -25,8 +26,16 @@ import torch
 import torch.utils._pytree as pytree
 from hypothesis import given, settings
 
+import sae_losses
 from helpers import randn
-from sae_losses import StreamingFVU, StreamingMean
+from logits_cases import ce_rows, kl_rows
+from sae_losses import (
+    StreamingFVU,
+    StreamingMean,
+    StreamingReconstructionBias,
+    StreamingSpliceScores,
+)
+from sae_losses._accumulator import Accumulator
 
 TOL = 1e-12
 OFFSETS = (0.0, 2.0, 100.0)
@@ -51,6 +60,64 @@ def fvu_reference(rows):
         return torch.full(source.shape[1:-1], torch.nan, dtype=torch.float64)
     error = (decoded - source).square().sum((0, -1))
     return error / (source - source.mean(0)).square().sum((0, -1))
+
+
+def bias_rows(shape, n, seed, dtype):
+    """``(decoded, source)`` shaped ``(n, *shape, 6)``: ``source = offset + N(0, 1)`` and the
+    decoded rows shrunk to 0.8 of it plus ``N(0, 0.3^2)``, so the inner products sum far from 0."""
+    source = OFFSETS[seed % 3] + randn(n, *shape, 6, dtype=torch.float64, seed=seed)
+    decoded = 0.8 * source + 0.3 * randn(n, *shape, 6, dtype=torch.float64, seed=seed + 1)
+    return decoded.to(dtype), source.to(dtype)
+
+
+def bias_reference(rows):
+    """Float64 sum of the squared norms over the sum of the inner products, over every row."""
+    decoded, source = (t.double() for t in rows)
+    return decoded.square().sum((0, -1)) / (decoded * source).sum((0, -1))
+
+
+VOCAB = 11
+
+
+def splice_rows(shape, n, seed, dtype):
+    """``(clean, spliced, ablated, targets, kl_keep)`` for ``n`` tokens (``shape`` is always ()).
+
+    Each target is the clean run's top logit (by 6) and the ablated run's bottom one, and the
+    spliced logits are the clean ones plus noise: CE_clean < CE_spliced < CE_ablated on every
+    row, so the scores' denominators stay far from 0. ``kl_keep`` drops every third row from the
+    KL terms only, so ``kl_count`` differs from ``count``.
+    """
+    offset = OFFSETS[seed % 3]
+    targets = (seed + 7 * torch.arange(n)) % VOCAB
+    hot = torch.zeros(n, VOCAB, dtype=torch.float64).scatter(1, targets[:, None], 6.0)
+    clean = offset + randn(n, VOCAB, dtype=torch.float64, seed=seed) + hot
+    spliced = clean + 0.7 * randn(n, VOCAB, dtype=torch.float64, seed=seed + 1)
+    ablated = offset + randn(n, VOCAB, dtype=torch.float64, seed=seed + 2) - hot
+    kl_keep = (seed + torch.arange(n)) % 3 != 0
+    return clean.to(dtype), spliced.to(dtype), ablated.to(dtype), targets, kl_keep
+
+
+def update_splice(accumulator, rows, mask=None):
+    """The CE terms score the rows ``mask`` keeps; the KL terms those it and ``kl_keep`` keep."""
+    *logits, targets, kl_keep = rows
+    kl_mask = kl_keep if mask is None else kl_keep & mask
+    return accumulator.update(*logits, targets, mask=mask, kl_mask=kl_mask)
+
+
+def splice_reference(rows):
+    """SAELens's definitions in float64: each mean over its kept tokens, then the scores."""
+    clean, spliced, ablated, targets, kl_keep = rows
+    ce = [ce_rows(logits, targets).mean() for logits in (clean, spliced, ablated)]
+    kl = [kl_rows(clean[kl_keep], logits[kl_keep]).mean() for logits in (spliced, ablated)]
+    return {
+        "ce_clean": ce[0],
+        "ce_spliced": ce[1],
+        "ce_ablated": ce[2],
+        "kl_spliced": kl[0],
+        "kl_ablated": kl[1],
+        "ce_loss_score": (ce[2] - ce[1]) / (ce[2] - ce[0]),
+        "kl_div_score": (kl[1] - kl[0]) / kl[1],
+    }
 
 
 def update_with_mask(accumulator, rows, mask=None):
@@ -88,11 +155,33 @@ REGISTRY = [
         fvu_rows,
         fvu_reference,
     ),
+    Entry(
+        "StreamingReconstructionBias",
+        ((), (3,)),
+        lambda shape, device=None: StreamingReconstructionBias.empty(shape, device=device),
+        bias_rows,
+        bias_reference,
+    ),
+    Entry(
+        "StreamingSpliceScores",
+        ((),),  # its state has one shape: the sums of three CE and two KL terms
+        lambda shape, device=None: StreamingSpliceScores.empty(device=device),
+        splice_rows,
+        splice_reference,
+        update_splice,
+    ),
 ]
 CASES = [(entry, shape) for entry in REGISTRY for shape in entry.shapes]
 IDS = [f"{entry.name}{shape}" for entry, shape in CASES]
 case = pytest.mark.parametrize(("entry", "shape"), CASES, ids=IDS)
 one_per_class = pytest.mark.parametrize("entry", REGISTRY, ids=[e.name for e in REGISTRY])
+
+
+def test_every_public_accumulator_class_has_an_entry():
+    # TokensSinceFired is public but no Accumulator: a per-step tracker without merge or count.
+    public = [getattr(sae_losses, name) for name in sae_losses.__all__]
+    classes = {c.__name__ for c in public if isinstance(c, type) and issubclass(c, Accumulator)}
+    assert classes == {entry.name for entry in REGISTRY}
 
 
 def rows_of(entry, shape, n, seed=0, dtype=torch.float64):

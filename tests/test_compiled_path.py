@@ -2,10 +2,10 @@
 
 Each fused twin must equal its eager twin: values, gradients, masks over NaN-padded rows,
 float64 and half precision, bytes saved for backward. The recompile and fallback tests swap
-inductor for a ``CompileCounter`` backend (``_fused._compiled`` is monkeypatched), so they count
-dynamo's graphs per input kind without building kernels. The eager tests (no compile mark) check
-the new kernels: counts without bool temporaries, the JumpReLU threshold gradient in row blocks,
-the FVU's two passes, and StreamingFVU's one-pass statistics about a pivot row.
+inductor for a ``CompileCounter`` backend (``_compile_cache._compiled`` is monkeypatched), so
+they count dynamo's graphs per input kind without building kernels. The eager tests (no compile
+mark) check the new kernels: counts without bool temporaries, the JumpReLU threshold gradient in
+row blocks, the FVU's two passes, and StreamingFVU's one-pass statistics about a pivot row.
 """
 
 import dataclasses
@@ -20,8 +20,8 @@ from torch._dynamo.testing import CompileCounter
 
 import sae_losses
 from helpers import RowBlocksSpy, SavedTensors, randn
-from sae_losses import _fused, _rowops
-from sae_losses._counts import _HeavisideStep
+from sae_losses import _compile_cache, _rowops
+from sae_losses._jumprelu import _HeavisideStep
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +127,7 @@ def test_fused_twin_equals_eager_in_float64_over_nan_padded_rows(twin):
                 assert_same(g, e, rtol=1e-11)
                 if i == 0 or twin.name == FVU:
                     assert (g[~keep] == 0).all()  # padded rows get exactly no gradient
-    assert not _fused._eager_keys, "a kind fell back to the eager kernels"
+    assert not _compile_cache._eager_keys, "a kind fell back to the eager kernels"
 
 
 @pytest.mark.compile
@@ -201,7 +201,7 @@ def test_twins_have_the_eager_signature_and_errors():
 
 @pytest.fixture
 def counted(monkeypatch):
-    """``_fused._compiled`` with a CompileCounter backend per input kind: {key: counter}."""
+    """``_compile_cache._compiled`` with a CompileCounter per input kind: {key: counter}."""
     counters: dict[tuple, CompileCounter] = {}
 
     @functools.cache
@@ -218,9 +218,9 @@ def counted(monkeypatch):
         return torch.compile(copy, backend=counters[key], fullgraph=True)
 
     torch._dynamo.reset()
-    monkeypatch.setattr(_fused, "_compiled", compiled)
-    monkeypatch.setattr(_fused, "_eager_keys", set())
-    monkeypatch.setattr(_fused, "_warned", [])
+    monkeypatch.setattr(_compile_cache, "_compiled", compiled)
+    monkeypatch.setattr(_compile_cache, "_eager_keys", set())
+    monkeypatch.setattr(_compile_cache, "_warned", [])
     return counters
 
 
@@ -238,7 +238,7 @@ def test_a_kind_compiles_at_most_twice_across_batch_sizes(counted, twin):
     assert len(counted) == (2 if twin.grads else 1)  # forward, and backward
     assert all(c.frame_count <= 2 for c in counted.values()), frames
     assert frames[2:] == [frames[2]] * 4, frames  # no compile after the second batch size
-    assert not _fused._eager_keys
+    assert not _compile_cache._eager_keys
 
 
 @pytest.mark.compile
@@ -253,20 +253,20 @@ def test_many_kinds_in_one_process_never_hit_the_recompile_limit(counted):
                     assert_same(twin.fused(*inputs), twin.eager(*inputs), rtol=1e-6)
     assert len(counted) == 45
     assert all(c.frame_count <= 2 for c in counted.values())
-    assert not _fused._eager_keys
+    assert not _compile_cache._eager_keys
 
 
 @pytest.mark.compile
 @pytest.mark.parametrize("twin", TWINS)
 def test_a_build_failure_falls_back_for_that_kind_only(counted, monkeypatch, twin):
-    compiled = _fused._compiled
+    compiled = _compile_cache._compiled
 
     def failing_for_float64(function, key):
         if "float64" in str(key):
             raise OSError("no compiler for this kind")
         return compiled(function, key)
 
-    monkeypatch.setattr(_fused, "_compiled", failing_for_float64)
+    monkeypatch.setattr(_compile_cache, "_compiled", failing_for_float64)
     double = leaves(inputs_of(twin, 6, (7,), torch.float64, seed=1), twin.grads)
     with pytest.warns(RuntimeWarning, match="inputs of that kind run the eager kernels"):
         got = twin.fused(*double)
@@ -280,11 +280,11 @@ def test_a_build_failure_falls_back_for_that_kind_only(counted, monkeypatch, twi
             strict=True,
         ):
             assert torch.equal(g, e)
-    assert len(_fused._eager_keys) == (2 if twin.grads else 1)
+    assert len(_compile_cache._eager_keys) == (2 if twin.grads else 1)
     single = inputs_of(twin, 6, (7,), torch.float32, seed=2)
     assert_same(twin.fused(*single), twin.eager(*single), rtol=1e-6)
     assert any("float32" in str(key) for key in counted)  # float32 still compiled
-    assert len(_fused._warned) == 1
+    assert len(_compile_cache._warned) == 1
 
 
 # --- the eager kernels ---------------------------------------------------------------------------

@@ -112,6 +112,18 @@ def test_family_and_eval_benchmark_smoke_runs_print_every_table():
     assert gathered < 1e-12
 
 
+def test_versions_benchmark_times_both_versions_of_every_shared_term():
+    output = run("benchmarks/bench_versions.py", "--quick", "--before", "HEAD")
+    assert output.count("| term | before / floor | after / floor | after / before |") == 2
+    for term in (
+        "l0_norm",
+        "jumprelu_l0",
+        "fraction_of_variance_unexplained",
+        "StreamingFVU.update",
+    ):
+        assert f"| {term} | " in output
+
+
 @pytest.fixture(scope="module")
 def evaluate_example():
     """examples/evaluate.py as a module; it puts examples/ on sys.path to import its helpers."""

@@ -1,7 +1,7 @@
 """Issue 16's probe cases for the ops: each gave a wrong number, a crash or an unclear error.
 
 Every test here failed on the package before the fix (commit f9ff003), and names its item.
-The distributed and accumulator items are in test_distributed.py and test_accumulators.py.
+The distributed and accumulator items are in test_all_reduce*.py and test_accumulators.py.
 """
 
 import subprocess
@@ -218,9 +218,9 @@ def test_item7_fused_functions_take_any_number_of_layouts():
 
 @pytest.mark.compile
 def test_item8_a_compile_failure_for_one_kind_leaves_the_others_compiled(monkeypatch):
-    from sae_losses import _fused
+    from sae_losses import _compile_cache
 
-    compiled = _fused._compiled
+    compiled = _compile_cache._compiled
     used = []
 
     def failing_for_float16(function, key):
@@ -229,9 +229,9 @@ def test_item8_a_compile_failure_for_one_kind_leaves_the_others_compiled(monkeyp
         used.append(key)
         return compiled(function, key)
 
-    monkeypatch.setattr(_fused, "_compiled", failing_for_float16)
-    monkeypatch.setattr(_fused, "_eager_keys", set())
-    monkeypatch.setattr(_fused, "_warned", [])
+    monkeypatch.setattr(_compile_cache, "_compiled", failing_for_float16)
+    monkeypatch.setattr(_compile_cache, "_eager_keys", set())
+    monkeypatch.setattr(_compile_cache, "_warned", [])
     half = randn(4, 8, dtype=torch.float16, seed=12)
     with pytest.warns(RuntimeWarning, match="inputs of that kind run the eager kernels"):
         torch.testing.assert_close(fused_l1_absolute(half), l1_absolute(half))
