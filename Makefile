@@ -39,7 +39,7 @@ clean:
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
-# The full benchmark tables (about 10 minutes on 2 quiet CPU cores); see benchmarks/README.md.
+# The full benchmark tables (about 15 minutes on 2 quiet CPU cores); see benchmarks/README.md.
 # BEFORE is the commit bench_versions.py times this checkout against (default: 0.2.0).
 BEFORE ?= f9ff003
 BENCHES = bench bench_family bench_eval bench_auxk bench_matryoshka bench_logits bench_downstream

@@ -28,6 +28,7 @@ from _timing import Timer
 import sae_losses
 
 ROOT = Path(__file__).resolve().parents[1]
+Maker = Callable[[ModuleType], Callable[[], object]]  # a version -> a timed call of one term
 
 
 def import_version(revision: str, into: Path) -> ModuleType:
@@ -57,7 +58,17 @@ def forward_and_backward(loss: Callable[[], torch.Tensor], wrt: torch.Tensor) ->
     return run
 
 
-def has_term(version: ModuleType, make: Callable[[ModuleType], Callable[[], object]]) -> bool:
+def repeated(make: Maker, times: int) -> Maker:
+    """``make``, whose call runs the term ``times`` times: one call of a tiny term is a few µs."""
+
+    def make_repeated(version: ModuleType) -> Callable[[], object]:
+        run = make(version)
+        return lambda: [run() for _ in range(times)]
+
+    return make_repeated
+
+
+def has_term(version: ModuleType, make: Maker) -> bool:
     """Whether the version has the term: one call, which raises if a name is missing."""
     try:
         make(version)()
@@ -71,10 +82,8 @@ def streaming_update(v: ModuleType, d: torch.Tensor, s: torch.Tensor) -> Callabl
     return lambda: empty.update(d, s)
 
 
-def groups(
-    quick: bool,
-) -> list[tuple[str, dict[str, Callable[[ModuleType], Callable[[], object]]]]]:
-    """Each group: a title and its terms, each a function from a version to a timed call."""
+def groups(quick: bool) -> list[tuple[str, dict[str, Maker], list[torch.Tensor]]]:
+    """Each group: a title, its terms (a version -> a timed call) and the floor's inputs."""
     g = torch.Generator().manual_seed(0)
     rows, features = (64, 96) if quick else (4096, 16384)
     z = torch.randn(rows, features, generator=g).relu()
@@ -87,6 +96,19 @@ def groups(
         "jumprelu_l0": lambda v: lambda: v.jumprelu_l0(z, w, bandwidth=0.1),
     }
     out = [(f"Sparsity terms on {tuple(z.shape)}, forward (floor: z.sum())", sparsity, [z])]
+    # Per-call overhead: tiny inputs, where the checks and the dispatch are the whole cost.
+    ts, tz = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g).relu()
+    td = ts + 0.1
+    tiny = {
+        "l2_reconstruction": lambda v: lambda: v.l2_reconstruction(td, ts),
+        "l1_absolute": lambda v: lambda: v.l1_absolute(tz),
+        "l0_norm": lambda v: lambda: v.l0_norm(tz),
+        "fraction_of_variance_unexplained": lambda v: (
+            lambda: v.fraction_of_variance_unexplained(td, ts)
+        ),
+    }
+    title = "Per-call overhead on 8 x 16 inputs, 100 calls a timing (floor: d.sum(); s.sum())"
+    out.append((title, {name: repeated(make, 100) for name, make in tiny.items()}, [td, ts] * 100))
     for shape in [(32, 48)] if quick else [(4096, 768), (16384, 2048)]:
         s = torch.randn(*shape, generator=g) + 100
         d = s + 0.3 * torch.randn(*shape, generator=g)

@@ -1,13 +1,13 @@
-r"""The moments of a batch's kept rows, taken about a pivot: one of those rows itself.
+r"""The moments of a batch's kept rows, exact at any feature offset.
 
-About a kept row :math:`p`, the sums of :math:`x - p` are exactly 0 for a constant component,
-and :math:`(\mu - p)^2` is at most the sum of squared deviations, so neither a constant feature
-nor a large feature offset loses digits to cancellation.
+The batch mean is taken about a pivot :math:`p`, one of the kept rows: the sums of
+:math:`x - p` are exactly 0 for a constant component, so a constant feature keeps its exact
+value as mean and 0 as variance.
 
 - :func:`kept_mean`: the mean of the kept rows (the batch FVU's, the AuxK loss's, and
-  StreamingFVU's when compiled).
-- :func:`batch_state`: one batch's float64 ``(count, mean, m2, error)``, in one pass, for
-  StreamingFVU's update.
+  StreamingFVU
+- :func:`batch_state`: one batch's float64 ``(count, mean, m2, error)``, for StreamingFVU's
+  update: each block of rows about its own mean (its float64 copy is two passes from memory).
 """
 
 import math
@@ -19,11 +19,7 @@ from sae_losses import _rowops
 from sae_losses._masks import row_view
 from sae_losses._rowops import uses_plain_formula
 
-__all__ = ["MAX_BLOCK_ROWS", "batch_state", "kept_mean"]
-
-# Rows per block at most: the sums about one of the block's rows lose at most log10(1 + rows)
-# digits (see batch_state), so 1024 rows keep m2 within about 1e-12 of float64's rounding.
-MAX_BLOCK_ROWS = 1024
+__all__ = ["batch_state", "kept_mean"]
 
 
 def kept_mean(source: Tensor, keep: Tensor | None, dtype: torch.dtype) -> Tensor:
@@ -38,27 +34,29 @@ def kept_mean(source: Tensor, keep: Tensor | None, dtype: torch.dtype) -> Tensor
     source = source.detach()
     if source.shape[0] == 0:
         return torch.zeros(source.shape[1:], dtype=dtype, device=source.device)
-    first = torch.zeros(1, dtype=torch.int64, device=source.device)
-    if keep is not None:
-        first = keep.to(torch.uint8).argmax().reshape(1)  # argmax, not nonzero: no host sync
-    pivot = source.index_select(0, first).to(dtype)[0]
-    if uses_plain_formula((source,)):
+    if keep is None:
+        pivot = source[0].to(dtype)
+    else:  # argmax, not nonzero: no host sync
+        pivot = source.index_select(0, keep.to(torch.uint8).argmax().reshape(1)).to(dtype)[0]
+    blocks = None if uses_plain_formula((source,)) else _rowops.row_blocks(source)
+    if blocks is None or len(blocks) == 1:
         shifted = source.to(dtype) - pivot
         if keep is not None:
             shifted = torch.where(row_view(keep, shifted), shifted, 0)
         total = shifted.sum(0)
     else:
-        total = _shifted_sums(source, pivot, keep)
+        total = _shifted_sums(source, pivot, keep, blocks)
     if keep is None:
         return pivot + total / source.shape[0]
     count = keep.sum(dtype=dtype)
     return torch.where(count > 0, pivot + total / count.clamp(min=1), 0)
 
 
-def _shifted_sums(source: Tensor, pivot: Tensor, keep: Tensor | None) -> Tensor:
+def _shifted_sums(
+    source: Tensor, pivot: Tensor, keep: Tensor | None, blocks: list[slice]
+) -> Tensor:
     """``sum_b (x_b - p)`` over the kept rows: each block of rows is shifted into one reused
     buffer, then summed by a matrix-vector product (a column sum costs about twice as much)."""
-    blocks = _rowops.row_blocks(source)
     size = source.shape[0] if blocks[0].stop is None else min(blocks[0].stop, source.shape[0])
     buffer = torch.empty((size, *source.shape[1:]), dtype=pivot.dtype, device=source.device)
     ones = torch.ones(size, dtype=pivot.dtype, device=source.device)
@@ -75,77 +73,64 @@ def _shifted_sums(source: Tensor, pivot: Tensor, keep: Tensor | None) -> Tensor:
 
 
 def batch_state(decoded: Tensor, source: Tensor, keep: Tensor | None) -> tuple[Tensor, ...]:
-    r"""``(count, mean, m2, error)`` of the kept rows, in float64, in one pass over the inputs.
+    r"""``(count, mean, m2, error)`` of the kept rows, in float64, exact at any offset.
 
-    The rows go in float64 blocks of about 1 MiB (at most ``MAX_BLOCK_ROWS`` rows). In each
-    block :math:`k`, the sums of :math:`x - p_k` and :math:`(x - p_k)^2` about a pivot
-    :math:`p_k`, its first kept row, give its mean :math:`\mu_k` and :math:`M_{2,k} = \sum
-    (x - p_k)^2 - n_k (\mu_k - p_k)^2`. Since :math:`p_k` is one of the rows,
-    :math:`(\mu_k - p_k)^2 \le M_{2,k}` for every feature: the difference loses at most
-    :math:`\log_{10}(1 + n_k)` digits, whatever the offset. The blocks are then combined as
-    Chan's update does, :math:`M_2 = \sum_k M_{2,k} + \sum_k n_k (\mu_k - \mu)^2`: a sum
-    of non-negative terms. Under ``torch.compile``: two passes, the mean first.
+    Each block of rows (about 1 MiB of float64, so that it stays in a core's cache) is
+    converted to float64 once and taken about its own mean, in two passes over that float64
+    copy: :math:`M_{2,k} = \sum (x - \mu_k)^2` is then the float64 two-pass value, whatever
+    the offset. Several blocks are combined as Chan's update does,
+    :math:`M_2 = \sum_k M_{2,k} + \sum_k n_k (\mu_k - \mu)^2`, a sum of non-negative terms, with
+    :math:`\mu` taken about the first kept block's mean. The float64 copies are what bounds the
+    memory: two blocks' worth, not the batch's. Under ``torch.compile``: the same, in one block.
     """
     rows, shape = source.shape[0], source.shape[1:]
-    device = source.device
-    dropped = None if keep is None else ~keep
-    count = torch.full((), rows, device=device) if keep is None else keep.sum()
     if torch.compiler.is_compiling():
-        x = source.to(torch.float64)
-        mean = kept_mean(x, keep, torch.float64)
-        deviation = (x - mean).square()
-        squared_error = (decoded.to(torch.float64) - x).square().sum(-1)
-        if dropped is not None:
-            deviation = torch.where(row_view(dropped, deviation), 0, deviation)
-            squared_error = torch.where(row_view(dropped, squared_error), 0, squared_error)
-        return count, mean, deviation.sum(0), squared_error.sum(0)
-    if rows == 0:
-        zeros = torch.zeros(shape, dtype=torch.float64, device=device)
-        return count, zeros, zeros.clone(), zeros.sum(-1)
-    numel, features = max(1, math.prod(shape)), shape[-1]
-    size = max(1, min(rows, MAX_BLOCK_ROWS, _rowops.BLOCK_ELEMENTS // 4 // numel))
-    starts = range(0, rows, size)
-    # Per block: the pivot, and the sums of x - pivot and (x - pivot)^2, in rows of one tensor.
-    sums = torch.zeros((3, len(starts), numel), dtype=torch.float64, device=device)
-    counts = torch.zeros(len(starts), dtype=torch.float64, device=device)
-    buffers = torch.empty((2, size, numel), dtype=torch.float64, device=device)
-    ones = torch.ones(max(size, features), dtype=torch.float64, device=device)
-    error = torch.zeros(math.prod(shape[:-1]), dtype=torch.float64, device=device)
-    for k, start in enumerate(starts):
-        block = slice(start, start + size)
-        n = min(size, rows - start)
-        x, difference = buffers[0, :n].copy_(source[block].reshape(n, -1)), buffers[1, :n]
-        squared = difference.copy_(decoded[block].reshape(n, -1)).sub_(x).square_()
-        squared_error = torch.mv(squared.reshape(-1, features), ones[:features]).reshape(n, -1)
-        if dropped is None:
-            sums[0, k] = x[0]
-            shifted = x.sub_(sums[0, k])
-        else:  # fills, not products: dropped rows may hold NaN or Inf
-            first = dropped[block].to(torch.uint8).argmin().reshape(1)  # no host sync
-            sums[0, k] = x.index_select(0, first)[0]
-            counts[k] = n - dropped[block].sum()
-            shifted = x.sub_(sums[0, k]).masked_fill_(row_view(dropped[block], x), 0)
-            squared_error.masked_fill_(row_view(dropped[block], squared_error), 0)
-        error.addmv_(squared_error.T, ones[:n])
-        torch.mv(shifted.T, ones[:n], out=sums[1, k])
-        torch.mv(shifted.square_().T, ones[:n], out=sums[2, k])
-    if dropped is None:
-        counts = torch.tensor([min(size, rows - start) for start in starts], dtype=torch.float64)
-    mean, m2 = _combined(counts.to(device), *sums)
-    return count, mean.reshape(shape), m2.reshape(shape), error.reshape(shape[:-1])
-
-
-def _combined(
-    counts: Tensor, pivots: Tensor, first: Tensor, second: Tensor
-) -> tuple[Tensor, Tensor]:
-    """The mean and m2 of blocks given by their row counts and sums about their pivots."""
-    kept = counts > 0
-    offsets = torch.where(kept.unsqueeze(-1), first / counts.clamp(min=1).unsqueeze(-1), 0)
-    means = torch.where(kept.unsqueeze(-1), pivots + offsets, 0)  # empty blocks: weight 0
+        return _block_state(decoded, source, keep)
+    size = max(1, _rowops.BLOCK_ELEMENTS // 4 // max(1, math.prod(shape)))  # 1 MiB of float64
+    if rows <= size:
+        return _block_state(decoded, source, keep)
+    blocks = [slice(start, start + size) for start in range(0, rows, size)]
+    states = [
+        _block_state(decoded[b], source[b], None if keep is None else keep[b]) for b in blocks
+    ]
+    counts, means, m2s, errors = (torch.stack(field) for field in zip(*states, strict=True))
     total = counts.sum()
+    weights = row_view(counts.to(torch.float64), means)
     # About a kept block's mean, so that a constant feature's mean (and m2 = 0) stays exact.
-    reference = means.index_select(0, kept.to(torch.uint8).argmax().reshape(1))[0]  # no sync
-    mean = torch.where(total > 0, reference + counts @ (means - reference) / total.clamp(min=1), 0)
-    within = (second - first * offsets).clamp_(min=0).sum(0)
-    between = counts @ (means - mean).square()
-    return mean, within + between
+    reference = means.index_select(0, (counts > 0).to(torch.uint8).argmax().reshape(1))[0]
+    offset = (weights * (means - reference)).sum(0) / total.clamp(min=1)
+    mean = torch.where(total > 0, reference + offset, 0)
+    m2 = m2s.sum(0) + (weights * (means - mean).square()).sum(0)
+    return total, mean, m2, errors.sum(0)
+
+
+def _block_state(decoded: Tensor, source: Tensor, keep: Tensor | None) -> tuple[Tensor, ...]:
+    """``(count, mean, m2, error)`` of one block of rows, in float64 about its own mean.
+
+    The rows are shifted by a pivot, the first kept row, straight into float64 (one pass), and
+    the mean is taken about it, as in :func:`kept_mean`: a constant feature has exactly 0 as
+    ``m2``. The error is ``(decoded - p) - (source - p)``, each difference in float64.
+    """
+    if source.shape[0] == 0:
+        zeros = torch.zeros(source.shape[1:], dtype=torch.float64, device=source.device)
+        return torch.zeros((), dtype=torch.int64, device=source.device), zeros, zeros, zeros.sum(-1)
+    if keep is None:
+        pivot = source[0].to(torch.float64)
+    else:  # argmax, not nonzero: no host sync
+        pivot = source.index_select(0, keep.to(torch.uint8).argmax().reshape(1))[0]
+        pivot = pivot.to(torch.float64)
+    shifted = torch.sub(source, pivot)  # float64: the pivot is
+    error = torch.sub(decoded, pivot).sub_(shifted).square_()
+    if keep is None:
+        count = torch.full((), source.shape[0], dtype=torch.int64, device=source.device)
+        shift = shifted.mean(0)
+        mean = pivot + shift
+        deviation = shifted.sub_(shift)
+    else:  # where, not products: dropped rows may hold NaN or Inf
+        view = row_view(keep, shifted)
+        count = keep.sum()
+        shift = torch.where(view, shifted, 0).sum(0) / count.clamp(min=1)
+        mean = torch.where(count > 0, pivot + shift, 0)
+        deviation = torch.where(view, shifted.sub_(shift), 0)
+        error = torch.where(view, error, 0)
+    return count, mean, deviation.square_().sum(0), error.sum((0, -1))

@@ -135,5 +135,6 @@ def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
     """The dtype results are accumulated and returned in: promoted, half goes up to float32."""
     dtype = dtypes[0]
     for other in dtypes[1:]:
-        dtype = torch.promote_types(dtype, other)
+        if other is not dtype:
+            dtype = torch.promote_types(dtype, other)
     return torch.float32 if dtype in _HALF_DTYPES else dtype

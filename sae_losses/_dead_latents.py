@@ -30,29 +30,10 @@ from jaxtyping import Bool, Float, Int64
 from torch import Tensor
 
 from sae_losses._checks import check_floating, describe, shape_str
+from sae_losses._fired_fingerprint import mismatch_message, state_fingerprint
 from sae_losses._masks import check_mask
 
 __all__ = ["TokensSinceFired"]
-
-# The fingerprint is below 2**15, so every rank's square, summed over up to 2**16 ranks, and the
-# square of their sum stay exact in int64.
-_PRIMES = (1019, 1021, 32749)
-
-
-def _fingerprint(since_fired: Tensor, tokens: Tensor) -> Tensor:
-    """A checksum of the state, in [0, 2**15): equal on every rank while the ranks agree."""
-    small, medium, large = _PRIMES
-    positions = torch.arange(since_fired.shape[0], device=since_fired.device) % small + 1
-    total = ((since_fired % medium) * positions).sum() + tokens % medium
-    return (total % large).reshape(1)
-
-
-def _mismatch(world: int) -> str:
-    return (
-        f"TokensSinceFired.update: the {world} ranks hold different states (their fingerprints "
-        "differ). Every rank must start from the same state (the same checkpoint, or empty()) "
-        "and call update once per step, on the same tracker, with its own rows."
-    )
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -152,7 +133,7 @@ class TokensSinceFired:
             else:
                 active = active & keep[:, None]
                 rows = keep.sum().reshape(1)
-            fingerprint = _fingerprint(self.since_fired, self.tokens)
+            fingerprint = state_fingerprint(self.since_fired, self.tokens)
             fired = active.any(0).to(torch.int64)
             buffer = torch.cat([fired, rows, fingerprint, fingerprint * fingerprint])
             world = 1
@@ -168,9 +149,9 @@ class TokensSinceFired:
             agree = total * total == world * squares
             if check == "host":
                 if not bool(agree):
-                    raise ValueError(_mismatch(world))
+                    raise ValueError(mismatch_message(world))
             else:
-                torch._assert_async(agree, _mismatch(world))
+                torch._assert_async(agree, mismatch_message(world))
             since_fired = torch.where(buffer[:count] > 0, 0, self.since_fired + step_tokens)
             return TokensSinceFired(since_fired, self.tokens + step_tokens)
 

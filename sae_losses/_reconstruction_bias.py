@@ -11,11 +11,11 @@ from jaxtyping import Bool, Float, Float64, Int64
 from torch import Tensor
 
 from sae_losses._accumulator import Accumulator, check_state_tensor, register_accumulator
+from sae_losses._accumulator_fields import kept_rows, one_device
 from sae_losses._checks import check_activations, check_same_shape, shape_str
 from sae_losses._masks import check_mask
 from sae_losses._row_term import row_term
 from sae_losses._rowops import RowOp
-from sae_losses._splice_scores import kept_rows, one_device
 
 __all__ = ["StreamingReconstructionBias"]
 

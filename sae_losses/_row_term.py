@@ -14,6 +14,7 @@ with 0 (``torch.where``, not a product), and the backward zeroes their rows of t
 computing the gradient, so no ``0 * NaN`` can reach any gradient.
 """
 
+import types
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,6 +26,8 @@ from sae_losses._masks import check_mask, keep_of, row_view
 from sae_losses._rowops import EAGER, RowOp, RowSpec, Strategy, Tensors, uses_plain_formula
 
 __all__ = ["reduce_rows", "row_term"]
+
+_NO_OPTIONS: Mapping[str, Any] = types.MappingProxyType({})
 
 
 def _zero_dropped_rows(keep: Tensor | None, batched: Tensors) -> Tensors:
@@ -65,10 +68,11 @@ def _row_values(spec: RowSpec, inputs: Tensors, keep: Tensor | None) -> Tensor:
     if uses_plain_formula(inputs):
         batched = _zero_dropped_rows(keep, inputs[: spec.n_batched])
         return spec.formula((*batched, *inputs[spec.n_batched :]))
-    needs_grad = any(t is not None and t.requires_grad for t in inputs)
-    if spec.op.differentiable and torch.is_grad_enabled() and needs_grad:
-        rows: Tensor = _RowValues.apply(spec, keep, *inputs)  # type: ignore[no-untyped-call]
-        return rows
+    if spec.op.differentiable and torch.is_grad_enabled():
+        for t in inputs:
+            if t is not None and t.requires_grad:
+                rows: Tensor = _RowValues.apply(spec, keep, *inputs)  # type: ignore[no-untyped-call]
+                return rows
     return spec.strategy.rows(spec, inputs)
 
 
@@ -113,11 +117,17 @@ def row_term(
     The values are accumulated in the promoted dtype of every input, half precision in float32.
     """
     reduce = check_reduce(reduce)
-    mask = check_mask(mask, batched[0], weights_allowed=weights_allowed)
+    if mask is not None:
+        mask = check_mask(mask, batched[0], weights_allowed=weights_allowed)
     if not op.differentiable:
         batched = tuple(t.detach() for t in batched)
         params = tuple(p if p is None else p.detach() for p in params)
     inputs = (*batched, *params)
-    dtype = accumulation_dtype(*(t.dtype for t in inputs if t is not None))
-    spec = RowSpec(op, len(batched), dtype, options or {}, strategy)
-    return reduce_rows(_row_values(spec, inputs, keep_of(mask)), reduce, mask)
+    dtype = batched[0].dtype
+    for t in inputs:  # the promoted dtype, without a comprehension's frame: this runs every call
+        if t is not None and t.dtype is not dtype:
+            dtype = torch.promote_types(dtype, t.dtype)
+    dtype = accumulation_dtype(dtype)
+    spec = RowSpec(op, len(batched), dtype, options or _NO_OPTIONS, strategy)
+    keep = None if mask is None else keep_of(mask)
+    return reduce_rows(_row_values(spec, inputs, keep), reduce, mask)

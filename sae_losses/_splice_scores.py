@@ -31,25 +31,14 @@ from jaxtyping import Bool, Float, Float64, Int64
 from torch import Tensor
 
 from sae_losses._accumulator import Accumulator, check_state_tensor, register_accumulator
-from sae_losses._checks import check_floating, check_same_shape, shape_str
+from sae_losses._accumulator_fields import kept_rows, one_device
+from sae_losses._checks import shape_str
 from sae_losses._cross_entropy import cross_entropy
 from sae_losses._kl import kl_divergence
 from sae_losses._masks import check_mask
+from sae_losses._splice_logits import check_splice_logits
 
-__all__ = ["SpliceScores", "StreamingSpliceScores", "kept_rows", "one_device"]
-
-
-def one_device(accumulator: Accumulator, fields: tuple[Tensor, ...]) -> None:
-    if len({field.device for field in fields}) != 1:
-        name = type(accumulator).__name__
-        raise ValueError(f"the fields of a {name} must be on one device.")
-
-
-def kept_rows(mask: Tensor | None, like: Tensor) -> Tensor:
-    """The int64 number of rows ``mask`` keeps (every row without one)."""
-    if mask is None:
-        return torch.full((), like.shape[0], dtype=torch.int64, device=like.device)
-    return mask.sum()
+__all__ = ["SpliceScores", "StreamingSpliceScores"]
 
 
 class SpliceScores(TypedDict):
@@ -62,16 +51,6 @@ class SpliceScores(TypedDict):
     kl_ablated: Tensor
     ce_loss_score: Tensor
     kl_div_score: Tensor
-
-
-def _check_logits(name: str, logits: object) -> Tensor:
-    logits = check_floating(name, logits)
-    if logits.ndim != 2:
-        raise ValueError(
-            f"`{name}` must have shape (batch, vocab), one row per token (flatten (batch, seq) "
-            f"first), got shape {shape_str(logits)}."
-        )
-    return logits
 
 
 @register_accumulator
@@ -165,11 +144,7 @@ class StreamingSpliceScores(Accumulator):
             RuntimeError: a kept row's target is outside ``[0, vocab)`` (torch's index error;
                 a device-side assert on CUDA).
         """
-        clean = _check_logits("clean_logits", clean_logits)
-        spliced = _check_logits("spliced_logits", spliced_logits)
-        ablated = _check_logits("ablated_logits", ablated_logits)
-        check_same_shape("`clean_logits` and `spliced_logits`", clean, spliced)
-        check_same_shape("`clean_logits` and `ablated_logits`", clean, ablated)
+        clean, spliced, ablated = check_splice_logits(clean_logits, spliced_logits, ablated_logits)
         ce_mask = check_mask(mask, clean, weights_allowed=False)
         kl_rows = ce_mask if kl_mask is None else check_mask(kl_mask, clean, weights_allowed=False)
         clean, spliced, ablated = clean.detach(), spliced.detach(), ablated.detach()

@@ -2,9 +2,8 @@ r"""StreamingFVU: the fraction of variance unexplained over every row of an eval
 
 It keeps Chan et al.'s sufficient statistics per component and feature: the row count, the mean
 and ``M2``, the sum of squared deviations about that mean, plus the summed squared error. Each
-batch's statistics are computed in float64 in one pass, in blocks about one of their rows (see
-:func:`sae_losses._batch_moments.batch_state` for why that loses no more than
-:math:`\log_{10}(1 + n_k)` digits), then merged with Chan's parallel update
+batch's statistics are computed in float64, each block of rows about its own mean (see
+:func:`sae_losses._batch_moments.batch_state`), then merged with Chan's parallel update
 
 .. math::
 

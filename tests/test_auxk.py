@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from torch._dynamo.testing import CompileCounter
 
 from helpers import SavedTensors, randn
-from sae_losses import _auxk, auxk_loss, auxk_reconstruction
+from sae_losses import _auxk_decode, auxk_loss, auxk_reconstruction
 
 reconstruction_unchecked = inspect.unwrap(auxk_reconstruction)
 loss_unchecked = inspect.unwrap(auxk_loss)
@@ -144,7 +144,7 @@ def test_matches_the_float64_dense_formula(
     batch, latents, model, k_aux, dead_fraction, blocked, monkeypatch
 ):
     if blocked:  # 2 rows a block: the eager top-k runs in several blocks
-        monkeypatch.setattr(_auxk, "SELECT_ELEMENTS", 2 * latents)
+        monkeypatch.setattr(_auxk_decode, "SELECT_ELEMENTS", 2 * latents)
     pre, dead, weight, residual = draw(batch, latents, model, seed=batch, dead_fraction=0.5)
     dead = torch.arange(latents) < round(dead_fraction * latents)
     pre.requires_grad_()
@@ -229,7 +229,7 @@ def test_linear_in_the_decoder_and_positively_homogeneous_in_the_pre_activations
 @pytest.mark.parametrize("blocked", [False, True])
 def test_masked_rows_are_inert_and_equal_indexing(blocked, monkeypatch):
     if blocked:
-        monkeypatch.setattr(_auxk, "SELECT_ELEMENTS", 3 * 16)
+        monkeypatch.setattr(_auxk_decode, "SELECT_ELEMENTS", 3 * 16)
     pre, dead, weight, residual = draw(10, 16, 4, seed=6)
     keep = torch.arange(10) % 3 != 1
     pre[~keep] = torch.nan
@@ -316,7 +316,7 @@ def allocations(run):
 
 def test_the_eager_forward_allocates_no_batch_by_latent_float_tensor(monkeypatch):
     batch, latents = 256, 1024
-    monkeypatch.setattr(_auxk, "SELECT_ELEMENTS", 32 * latents)
+    monkeypatch.setattr(_auxk_decode, "SELECT_ELEMENTS", 32 * latents)
     pre, dead, weight, residual = draw(batch, latents, 16, seed=9, dtype=torch.float32)
     pre.requires_grad_()
     sizes = allocations(lambda: auxk_loss(pre, dead, weight, residual, k_aux=8))
@@ -433,7 +433,7 @@ def test_every_path_of_the_eager_selection_agrees(monkeypatch):
     pre, dead, weight, _ = draw(12, 10, 3, seed=10)
     results = []
     for rows in (12, 4, 5, 1):
-        monkeypatch.setattr(_auxk, "SELECT_ELEMENTS", rows * 10)
+        monkeypatch.setattr(_auxk_decode, "SELECT_ELEMENTS", rows * 10)
         results.append(auxk_reconstruction(pre, dead, weight, k_aux=3))
     for a, b in itertools.pairwise(results):
         assert torch.equal(a, b)

@@ -378,7 +378,7 @@ def test_fvu_reads_source_in_two_passes(monkeypatch):
 
 def test_streaming_fvu_is_exact_when_the_pivot_row_is_an_outlier():
     # The first row (the pivot) is 1e7 standard deviations off in feature 0, a BOS-like row. The
-    # sums about it lose at most log10(1 + n_k) digits, n_k <= MAX_BLOCK_ROWS rows a block: one
+    # sums about it lose at most log10(1 + n_k) digits, n_k rows a block: one
     # block of all 10^5 rows measured 1.7e-9 here, over the 1e-9 bar; blocks of 1024, 2e-12.
     source = randn(100_000, 2, dtype=torch.float64, seed=5)
     source[0, 0] = 1e7

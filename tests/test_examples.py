@@ -114,7 +114,7 @@ def test_family_and_eval_benchmark_smoke_runs_print_every_table():
 
 def test_versions_benchmark_times_both_versions_of_every_shared_term():
     output = run("benchmarks/bench_versions.py", "--quick", "--before", "HEAD")
-    assert output.count("| term | before / floor | after / floor | after / before |") == 2
+    assert output.count("| term | before / floor | after / floor | after / before |") == 3
     for term in (
         "l0_norm",
         "jumprelu_l0",
