@@ -16,7 +16,7 @@ from torch import Tensor
 from sae_losses._batch_moments import kept_mean
 from sae_losses._checks import accumulation_dtype, check_pair
 from sae_losses._masks import check_mask
-from sae_losses._reconstruction import _difference as difference_in
+from sae_losses._reconstruction import difference_in
 from sae_losses._row_term import row_term
 from sae_losses._rowops import EAGER, Gradients, RowOp, Strategy, Tensors
 

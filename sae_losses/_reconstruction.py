@@ -11,10 +11,11 @@ from sae_losses._checks import Reduce, check_pair
 from sae_losses._row_term import row_term
 from sae_losses._rowops import EAGER, Gradients, RowOp, Strategy, Tensors
 
-__all__ = ["L2", "l2_loss", "l2_reconstruction"]
+__all__ = ["L2", "difference_in", "l2_loss", "l2_reconstruction"]
 
 
-def _difference(decoded: Tensor, source: Tensor, dtype: torch.dtype) -> Tensor:
+def difference_in(decoded: Tensor, source: Tensor, dtype: torch.dtype) -> Tensor:
+    """``decoded - source`` computed in ``dtype`` (a fresh tensor the caller may modify)."""
     # If either input already has the accumulation dtype, torch's promotion computes in it.
     if dtype in (decoded.dtype, source.dtype):
         return torch.sub(decoded, source)
@@ -35,7 +36,7 @@ def _l2_kernel(decoded: Tensor, source: Tensor, *, dtype: torch.dtype) -> Tensor
     # aten op is called directly: F.mse_loss's Python wrapper costs more than 8 x 16 inputs.
     if decoded.dtype == source.dtype == dtype:
         return torch._C._nn.mse_loss(decoded, source, _NO_REDUCTION).mean(-1)  # type: ignore[arg-type]
-    return _difference(decoded, source, dtype).square_().mean(-1)
+    return difference_in(decoded, source, dtype).square_().mean(-1)
 
 
 def _l2_gradients(
@@ -46,7 +47,7 @@ def _l2_gradients(
     assert decoded is not None
     assert source is not None
     scale = grad_rows.unsqueeze(-1) * (2.0 / decoded.shape[-1])
-    grad = _difference(decoded, source, dtype).mul_(scale)
+    grad = difference_in(decoded, source, dtype).mul_(scale)
     return (
         grad.to(decoded.dtype) if needs[0] else None,
         grad.neg().to(source.dtype) if needs[1] else None,

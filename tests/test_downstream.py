@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from torch._dynamo.testing import CompileCounter
 
 from helpers import randn
+from logits_cases import ce_rows, kl_rows
 from sae_losses import (
     StreamingMean,
     StreamingReconstructionBias,
@@ -41,18 +42,6 @@ def token_rows(n, seed=0, dtype=torch.float32):
     targets = torch.where(torch.arange(n) % 4 == 3, (seed + torch.arange(n)) % VOCAB, 0)
     targets = torch.where(torch.arange(n) % 4 == 3, targets, clean.argmax(-1))
     return clean.to(dtype), spliced.to(dtype), ablated.to(dtype), targets
-
-
-def ce_rows(logits, targets):
-    """Float64 per-row cross-entropy: logsumexp minus the target's logit."""
-    x = logits.double()
-    return torch.logsumexp(x, -1) - x.gather(-1, targets[:, None])[:, 0]
-
-
-def kl_rows(reference, logits):
-    """Float64 per-row KL(softmax(reference) || softmax(logits)), with 0 log 0 = 0."""
-    log_p, log_q = reference.double().log_softmax(-1), logits.double().log_softmax(-1)
-    return torch.where(log_p.exp() > 0, log_p.exp() * (log_p - log_q), 0).sum(-1)
 
 
 def scores_reference(clean, spliced, ablated, targets, mask=None, kl_mask=None):
