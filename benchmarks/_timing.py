@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers import saved_bytes_beyond_inputs
 
-__all__ = ["Timer", "backward_of", "saved_bytes_beyond_inputs", "table"]
+__all__ = ["Timer", "backward_of", "goals", "saved_bytes_beyond_inputs", "table"]
 
 
 class Timer:
@@ -62,4 +62,14 @@ def table(title: str, results: dict[str, float], floor: str | None, seed: str | 
         vs_floor = f"{seconds / results[floor]:.2f}x" if floor else "-"
         vs_seed = f"{seconds / results[seed]:.2f}x" if seed else "-"
         lines.append(f"| {name} | {seconds * 1e3:.3f} ms | {vs_floor} | {vs_seed} |")
+    return lines
+
+
+def goals(results: dict[str, float], floor: str, wanted: list[tuple[str, float]]) -> list[str]:
+    """Issue 20's goals: each candidate's time over the read floor ``floor``, against its bound."""
+    lines = ["", "| figure | measured | goal | met |", "|---|---|---|---|"]
+    for name, goal in wanted:
+        ratio = results[name] / results[floor]
+        met = "yes" if ratio <= goal else "NO"
+        lines.append(f"| {name} / read floor | {ratio:.2f}x | <= {goal} | {met} |")
     return lines

@@ -10,7 +10,7 @@ import argparse
 import random
 
 import torch
-from _timing import Timer, table
+from _timing import Timer, goals, table
 from bench import mse_loss_l2, seed_l1, seed_l2
 
 from sae_losses import (
@@ -77,7 +77,7 @@ def sparsity_terms(timer: Timer, shape: tuple[int, int], device: torch.device) -
     )
     lines = table(f"Sparsity terms on {shape}, forward", results, FLOOR, None)
     wanted = [("l0_norm", 2.0), ("jumprelu_l0", 2.0), ("fused_l0_norm", 1.3)]
-    return lines + goals(results, [*wanted, ("fused_jumprelu_l0", 1.3)])
+    return lines + goals(results, FLOOR, [*wanted, ("fused_jumprelu_l0", 1.3)])
 
 
 def smooth_penalties(timer: Timer, shape: tuple[int, int], device: torch.device) -> list[str]:
@@ -101,16 +101,6 @@ def smooth_penalties(timer: Timer, shape: tuple[int, int], device: torch.device)
     return lines + goals(
         results, [("fused_lp_sparsity(p=0.5, weight=)", 1.3), ("fused_tanh_sparsity(weight=)", 1.3)]
     )
-
-
-def goals(results: dict[str, float], wanted: list[tuple[str, float]]) -> list[str]:
-    """Issue 20's goals: each candidate's time over the read floor, against its bound."""
-    lines = ["", "| figure | measured | goal | met |", "|---|---|---|---|"]
-    for name, goal in wanted:
-        ratio = results[name] / results[FLOOR]
-        met = "yes" if ratio <= goal else "NO"
-        lines.append(f"| {name} / read floor | {ratio:.2f}x | <= {goal} | {met} |")
-    return lines
 
 
 def sweep(rounds: int, sizes: list[tuple[int, int]], device: torch.device) -> list[str]:

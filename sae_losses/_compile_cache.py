@@ -24,7 +24,7 @@ from torch import Tensor
 
 from sae_losses._rowops import RowSpec
 
-__all__ = ["run_compiled"]
+__all__ = ["fresh_copy", "run_compiled"]
 
 _warned: list[str] = []  # the first build failure, once it has been reported
 _eager_keys: set[tuple[Any, ...]] = set()  # input kinds whose kernels could not be compiled
@@ -36,15 +36,19 @@ def _compiled(function: Callable[..., Any], key: tuple[Any, ...]) -> Callable[..
     # fresh copy of the function's code, so each has its own budget. A runtime type checker
     # (jaxtyping's import hook) wraps the function: compile the function it wraps.
     del key
+    return torch.compile(fresh_copy(function), fullgraph=True)
+
+
+def fresh_copy(function: Callable[..., Any]) -> Callable[..., Any]:
+    """The function a runtime type checker wraps, with a code object of its own."""
     original = inspect.unwrap(function)
-    copy = types.FunctionType(
+    return types.FunctionType(
         original.__code__.replace(),
         original.__globals__,
         original.__name__,
         original.__defaults__,
         original.__closure__,
     )
-    return torch.compile(copy, fullgraph=True)
 
 
 def _layout(t: Tensor) -> tuple[int, ...]:

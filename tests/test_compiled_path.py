@@ -11,7 +11,6 @@ row blocks, the FVU's two passes, and StreamingFVU's one-pass statistics about a
 import dataclasses
 import functools
 import inspect
-import types
 from collections.abc import Callable
 
 import pytest
@@ -206,15 +205,8 @@ def counted(monkeypatch):
 
     @functools.cache
     def compiled(function, key):
-        original = inspect.unwrap(function)
-        copy = types.FunctionType(
-            original.__code__.replace(),
-            original.__globals__,
-            original.__name__,
-            original.__defaults__,
-            original.__closure__,
-        )
         counters[key] = CompileCounter()
+        copy = _compile_cache.fresh_copy(function)
         return torch.compile(copy, backend=counters[key], fullgraph=True)
 
     torch._dynamo.reset()
