@@ -99,7 +99,9 @@ def smooth_penalties(timer: Timer, shape: tuple[int, int], device: torch.device)
     )
     lines = table(f"Lp and tanh penalties on {shape}, forward", results, FLOOR, None)
     return lines + goals(
-        results, [("fused_lp_sparsity(p=0.5, weight=)", 1.3), ("fused_tanh_sparsity(weight=)", 1.3)]
+        results,
+        FLOOR,
+        [("fused_lp_sparsity(p=0.5, weight=)", 1.3), ("fused_tanh_sparsity(weight=)", 1.3)],
     )
 
 
