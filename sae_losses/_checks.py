@@ -58,16 +58,21 @@ def check_floating(name: str, x: object) -> Tensor:
     return x
 
 
-def check_activations(name: str, x: object) -> Tensor:
-    """Check that ``x`` is a floating tensor shaped ``(batch, *component, feature)``."""
+_LAST_AXIS_WORDS = {"feature": "feature", "vocab": "vocabulary"}
+
+
+def check_activations(name: str, x: object, *, last: str = "feature") -> Tensor:
+    """Check that ``x`` is a floating tensor shaped ``(batch, *component, <last>)``, the last axis
+    (``"feature"``, or ``"vocab"`` for logits) not empty."""
     x = check_floating(name, x)
     if x.ndim < 2:
         raise ValueError(
-            f"`{name}` must have shape (batch, *component, feature) with at least 2 dimensions, "
+            f"`{name}` must have shape (batch, *component, {last}) with at least 2 dimensions, "
             f"got shape {shape_str(x)}."
         )
     if x.shape[-1] == 0:
-        raise ValueError(f"`{name}` has an empty feature axis: shape {shape_str(x)}.")
+        word = _LAST_AXIS_WORDS[last]
+        raise ValueError(f"`{name}` has an empty {word} axis: shape {shape_str(x)}.")
     return x
 
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from sae_losses._checks import check_floating, check_reduce, shape_str
+from sae_losses._checks import check_activations, check_reduce
 from sae_losses._masks import check_mask, keep_of, row_view
 from sae_losses._row_term import reduce_rows, row_term
 from sae_losses._rowops import (
@@ -47,15 +47,7 @@ __all__ = [
 
 def check_logits(name: str, x: object) -> Tensor:
     """A floating tensor shaped ``(batch, *component, vocab)`` with a non-empty vocabulary."""
-    x = check_floating(name, x)
-    if x.ndim < 2:
-        raise ValueError(
-            f"`{name}` must have shape (batch, *component, vocab) with at least 2 dimensions, "
-            f"got shape {shape_str(x)}."
-        )
-    if x.shape[-1] == 0:
-        raise ValueError(f"`{name}` has an empty vocabulary axis: shape {shape_str(x)}.")
-    return x
+    return check_activations(name, x, last="vocab")
 
 
 def vocab_row_term(

@@ -22,6 +22,17 @@ def reduce_reference(rows: torch.Tensor, reduce: str) -> torch.Tensor:
     return {"none": rows, "mean": rows.mean(0), "sum": rows.sum(0)}[reduce]
 
 
+def masked_reduce(rows, reduce, mask=None):
+    """The float64 reference of a row term's mask and reduce: ``w * rows`` (exactly 0 where
+    w = 0), its sum, or its sum over the sum of weights."""
+    w = torch.ones(rows.shape[0], dtype=torch.float64) if mask is None else mask.double()
+    view = w.reshape((-1,) + (1,) * (rows.ndim - 1))
+    weighted = torch.where(view != 0, rows * view, 0)
+    if reduce == "none":
+        return weighted
+    return weighted.sum(0) if reduce == "sum" else weighted.sum(0) / w.sum()
+
+
 def l2_reference(decoded, source, reduce):
     """Mean over features of the squared error, in float64, then ``reduce`` over the batch."""
     return reduce_reference((decoded.double() - source.double()).pow(2).mean(-1), reduce)

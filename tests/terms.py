@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from helpers import randn
+from helpers import masked_reduce, randn
 from term_schema import REDUCE_MODES, Term, arg
 
 __all__ = ["NOT_TERMS", "REDUCE_MODES", "TERMS", "cases", "cases_with_masks", "cases_with_reduce"]
@@ -50,16 +50,6 @@ def dead_latents(shape, dtype, seed):
 
 
 # --- float64 references ---------------------------------------------------------------------------
-
-
-def masked_reduce(rows, reduce, mask):
-    """``w * rows`` (exactly 0 where w = 0), its sum, or its sum over the sum of weights."""
-    w = torch.ones(rows.shape[0], dtype=torch.float64) if mask is None else mask.double()
-    view = w.reshape((-1,) + (1,) * (rows.ndim - 1))
-    weighted = torch.where(view != 0, rows * view, 0)
-    if reduce == "none":
-        return weighted
-    return weighted.sum(0) if reduce == "sum" else weighted.sum(0) / w.sum()
 
 
 def per_row(rows: Callable[..., Tensor]) -> Callable[..., Tensor]:

@@ -13,19 +13,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 
+from helpers import masked_reduce
 from logits_cases import REDUCE_MODES, ce_rows, draw, kl_rows, make_mask, targets_for
 from sae_losses import cross_entropy, kl_divergence
-
-
-def reduced(rows, reduce, mask=None):
-    """``w * rows`` (exactly 0 where w = 0), its sum, or its sum over the sum of weights."""
-    w = torch.ones(rows.shape[0], dtype=torch.float64) if mask is None else mask.double()
-    view = w.reshape((-1,) + (1,) * (rows.ndim - 1))
-    weighted = torch.where(view != 0, rows * view, 0)
-    if reduce == "none":
-        return weighted
-    return weighted.sum(0) if reduce == "sum" else weighted.sum(0) / w.sum()
-
 
 SHAPES = [(5, 7), (4, 3, 6), (3, 2, 4, 5), (1, 1)]
 # Relative to the value (CE: a sum of two non-negative terms) or, for the KL, whose value is a
@@ -44,11 +34,11 @@ def test_matches_float64_reference(op, shape, dtype, reduce, mask_kind):
     if op == "cross_entropy":
         other = targets_for(logits, seed=2)
         result = cross_entropy(logits, other, reduce=reduce, mask=mask)
-        expected = reduced(ce_rows(logits, other), reduce, mask)
+        expected = masked_reduce(ce_rows(logits, other), reduce, mask)
     else:
         other = draw(shape, dtype, seed=2)
         result = kl_divergence(other, logits, reduce=reduce, mask=mask)
-        expected = reduced(kl_rows(other, logits), reduce, mask)
+        expected = masked_reduce(kl_rows(other, logits), reduce, mask)
     assert result.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert result.shape == (shape[:-1] if reduce == "none" else shape[1:-1])
     rtol = TOLERANCES[dtype]

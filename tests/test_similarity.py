@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from torch._dynamo.testing import CompileCounter
 
-from helpers import RowBlocksSpy, SavedTensors, blocked_rows, randn
+from helpers import RowBlocksSpy, SavedTensors, blocked_rows, masked_reduce, randn
 from sae_losses import StreamingMean, cosine_similarity, l2_norm_ratio
 
 
@@ -28,15 +28,6 @@ def ratio_reference(decoded, source):
 TERMS = {"cosine_similarity": (cosine_similarity, cosine_reference)}
 TERMS["l2_norm_ratio"] = (l2_norm_ratio, ratio_reference)
 each_term = pytest.mark.parametrize(("term", "reference"), TERMS.values(), ids=TERMS)
-
-
-def masked_reduce(rows, reduce, mask):
-    w = torch.ones(rows.shape[0], dtype=torch.float64) if mask is None else mask.double()
-    view = w.reshape((-1,) + (1,) * (rows.ndim - 1))
-    weighted = torch.where(view != 0, rows * view, 0)
-    if reduce == "none":
-        return weighted
-    return weighted.sum(0) if reduce == "sum" else weighted.sum(0) / w.sum()
 
 
 MASKS = {
