@@ -65,9 +65,12 @@ L1 = RowOp(_l1_formula, _l1_kernel, _l1_gradients)
 
 
 def _positive_power(x: Tensor, p: float) -> Tensor:
-    """``x ** p`` for ``x >= 0``, with gradient 0 (not inf or NaN) at ``x = 0``."""
-    positive = x > 0
-    return torch.where(positive, torch.where(positive, x, 1).pow(p), 0)
+    """``x ** p`` for ``x >= 0``, with gradient 0 (not inf or NaN) at ``x = 0``; NaN stays NaN.
+
+    The guard is ``x == 0``, not ``x > 0``: ``NaN > 0`` is false, which made a NaN 0.
+    """
+    zero = x == 0
+    return torch.where(zero, 0, torch.where(zero, 1, x).pow(p))
 
 
 def _lp_formula(
