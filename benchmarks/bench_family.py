@@ -81,7 +81,7 @@ def sparsity_terms(timer: Timer, shape: tuple[int, int], device: torch.device) -
 
 
 def smooth_penalties(timer: Timer, shape: tuple[int, int], device: torch.device) -> list[str]:
-    """Lp and tanh have no eager kernel (the formula runs in row blocks): the fused twins do."""
+    """Lp has an eager kernel (in place on each row block); tanh runs its formula in row blocks."""
     learned = torch.randn(shape, device=device)
     weight = torch.rand(shape[1], device=device) + 0.5
     results = timer.medians(

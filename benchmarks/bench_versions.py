@@ -94,6 +94,12 @@ def groups(quick: bool) -> list[tuple[str, dict[str, Maker], list[torch.Tensor]]
         "lp_sparsity(p=0.5, weight=)": lambda v: lambda: v.lp_sparsity(z, p=0.5, weight=w),
         "l0_norm": lambda v: lambda: v.l0_norm(z),
         "jumprelu_l0": lambda v: lambda: v.jumprelu_l0(z, w, bandwidth=0.1),
+        # The compiled twins, where both versions have them (they compile in the warm-up).
+        "fused_lp_sparsity(p=0.5, weight=)": lambda v: (
+            lambda: v.fused_lp_sparsity(z, p=0.5, weight=w)
+        ),
+        "fused_l0_norm": lambda v: lambda: v.fused_l0_norm(z),
+        "fused_jumprelu_l0": lambda v: lambda: v.fused_jumprelu_l0(z, w, bandwidth=0.1),
     }
     out = [(f"Sparsity terms on {tuple(z.shape)}, forward (floor: z.sum())", sparsity, [z])]
     # Per-call overhead: tiny inputs, where the checks and the dispatch are the whole cost.

@@ -16,6 +16,7 @@ from sae_losses._checks import (
     check_positive_float,
 )
 from sae_losses._masks import Mask
+from sae_losses._positive_power import positive_power
 from sae_losses._row_term import row_term
 from sae_losses._rowops import EAGER, Gradients, RowOp, Strategy, Tensors
 
@@ -64,24 +65,26 @@ def _l1_gradients(
 L1 = RowOp(_l1_formula, _l1_kernel, _l1_gradients)
 
 
-def _positive_power(x: Tensor, p: float) -> Tensor:
-    """``x ** p`` for ``x >= 0``, with gradient 0 (not inf or NaN) at ``x = 0``; NaN stays NaN.
-
-    The guard is ``x == 0``, not ``x > 0``: ``NaN > 0`` is false, which made a NaN 0.
-    """
-    zero = x == 0
-    return torch.where(zero, 0, torch.where(zero, 1, x).pow(p))
-
-
 def _lp_formula(
     learned: Tensor, weight: Tensor | None, *, dtype: torch.dtype, p: float, root: bool
 ) -> Tensor:
     scaled = learned.to(dtype) if weight is None else learned.to(dtype) * weight.to(dtype)
-    total = _positive_power(scaled.abs(), p).sum(-1)
-    return _positive_power(total, 1 / p) if root else total
+    total = positive_power(scaled.abs(), p).sum(-1)
+    return positive_power(total, 1 / p) if root else total
 
 
-LP = RowOp(_lp_formula)
+def _lp_kernel(
+    learned: Tensor, weight: Tensor | None, *, dtype: torch.dtype, p: float, root: bool
+) -> Tensor:
+    # In place on one fresh block: |z w| = |z| |w| exactly, and 0 ** p is 0 for p > 0.
+    powers = _absolute(learned, dtype)
+    if weight is not None:
+        powers.mul_(weight.to(dtype).abs())
+    total = powers.pow_(p).sum(-1)
+    return total.pow_(1 / p) if root else total
+
+
+LP = RowOp(_lp_formula, _lp_kernel)
 
 
 def check_learned(learned: object, weight: object) -> tuple[Tensor, Tensor | None]:
