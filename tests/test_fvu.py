@@ -11,7 +11,7 @@ import torch
 from torch._dynamo.testing import CompileCounter
 
 from helpers import randn
-from sae_losses import StreamingFVU, fraction_of_variance_unexplained
+from sae_losses import StreamingFVU, _rowops, fraction_of_variance_unexplained
 
 # The suite runs with the jaxtyping + beartype hook, which rejects bad shapes and dtypes before
 # the body runs. The error-message tests call the bodies directly.
@@ -218,6 +218,24 @@ def test_masked_updates_equal_updates_of_the_kept_rows():
     assert masked.count.item() == mask.sum().item()
     assert_close_state(masked, kept)
     torch.testing.assert_close(masked.compute(), fvu_reference(decoded, source, mask))
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e5])
+def test_masked_update_through_many_row_blocks(monkeypatch, offset):
+    # Blocks of 3 rows of (2, 3) (monkeypatched), a mask with a wholly dropped block, NaN and Inf
+    # in the dropped rows, and a last partial block: one update equals the kept rows' update.
+    monkeypatch.setattr(_rowops, "BLOCK_ELEMENTS", 4 * 3 * 6)
+    decoded, source = reconstruction(17, 2, 3, seed=9, offset=offset)
+    mask = torch.ones(17, dtype=torch.bool)
+    mask[[0, 3, 4, 5, 11, 16]] = False  # block 1 (rows 3-5) is all dropped; row 0 is a pivot's
+    decoded[~mask], source[~mask] = torch.nan, -torch.inf
+    masked = StreamingFVU.empty((2, 3)).update(decoded, source, mask=mask)
+    kept = StreamingFVU.empty((2, 3)).update(decoded[mask], source[mask])
+    assert masked.count.item() == 11
+    assert_close_state(masked, kept, rtol=1e-9)  # pivots differ: float64 rounding at 1e5
+    torch.testing.assert_close(
+        masked.compute(), fvu_reference(decoded, source, mask), rtol=1e-9, atol=0
+    )
 
 
 def test_streaming_edge_cases():
