@@ -92,6 +92,7 @@ def groups(quick: bool) -> list[tuple[str, dict[str, Maker], list[torch.Tensor]]
         "l1_absolute": lambda v: lambda: v.l1_absolute(z),
         "l1_absolute(weight=)": lambda v: lambda: v.l1_absolute(z, weight=w),
         "lp_sparsity(p=0.5, weight=)": lambda v: lambda: v.lp_sparsity(z, p=0.5, weight=w),
+        "tanh_sparsity(weight=)": lambda v: lambda: v.tanh_sparsity(z, scale=4.0, weight=w),
         "l0_norm": lambda v: lambda: v.l0_norm(z),
         "jumprelu_l0": lambda v: lambda: v.jumprelu_l0(z, w, bandwidth=0.1),
         # The compiled twins, where both versions have them (they compile in the warm-up).

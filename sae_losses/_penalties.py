@@ -23,6 +23,7 @@ from sae_losses._rowops import EAGER, Gradients, RowOp, Strategy, Tensors
 __all__ = [
     "L1",
     "LP",
+    "absolute_in",
     "check_learned",
     "l1_absolute",
     "l1_loss",
@@ -30,7 +31,8 @@ __all__ = [
 ]
 
 
-def _absolute(learned: Tensor, dtype: torch.dtype) -> Tensor:
+def absolute_in(learned: Tensor, dtype: torch.dtype) -> Tensor:
+    """``|learned|`` in ``dtype``, a fresh tensor the caller may modify."""
     return learned.abs() if learned.dtype == dtype else learned.to(dtype).abs_()
 
 
@@ -42,7 +44,7 @@ def _l1_formula(learned: Tensor, weight: Tensor | None, *, dtype: torch.dtype) -
 def _l1_kernel(learned: Tensor, weight: Tensor | None, *, dtype: torch.dtype) -> Tensor:
     if weight is None:
         return learned.abs().sum(-1, dtype=dtype)
-    return _absolute(learned, dtype).mul_(weight).sum(-1)
+    return absolute_in(learned, dtype).mul_(weight).sum(-1)
 
 
 def _l1_gradients(
@@ -57,7 +59,7 @@ def _l1_gradients(
         grad_learned = (grad if weight is None else grad.mul_(weight)).to(learned.dtype)
     if weight is not None and needs[1]:
         features = learned.shape[-1]
-        absolute = _absolute(learned, dtype).reshape(-1, features)
+        absolute = absolute_in(learned, dtype).reshape(-1, features)
         grad_weight = (grad_rows.reshape(-1) @ absolute).to(weight.dtype)
     return grad_learned, grad_weight
 
@@ -77,7 +79,7 @@ def _lp_kernel(
     learned: Tensor, weight: Tensor | None, *, dtype: torch.dtype, p: float, root: bool
 ) -> Tensor:
     # In place on one fresh block: |z w| = |z| |w| exactly, and 0 ** p is 0 for p > 0.
-    powers = _absolute(learned, dtype)
+    powers = absolute_in(learned, dtype)
     if weight is not None:
         powers.mul_(weight.to(dtype).abs())
     total = powers.pow_(p).sum(-1)

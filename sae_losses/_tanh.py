@@ -1,7 +1,8 @@
 """The tanh sparsity penalty of JumpReLU SAEs, whose gradient at z = 0 is the right derivative.
 
-A formula and a docstring, with no kernel: :func:`sae_losses._row_term.row_term` runs the formula
-in row blocks eagerly and re-runs it from the saved inputs for backward.
+A formula, an eager kernel (the same operations in place) and a docstring:
+:func:`sae_losses._row_term.row_term` runs the kernel in row blocks eagerly and re-runs the
+formula from the saved inputs for backward.
 """
 
 import torch
@@ -10,7 +11,7 @@ from torch import Tensor
 
 from sae_losses._checks import Reduce, check_positive_float
 from sae_losses._masks import Mask
-from sae_losses._penalties import check_learned
+from sae_losses._penalties import absolute_in, check_learned
 from sae_losses._row_term import row_term
 from sae_losses._rowops import RowOp
 
@@ -26,7 +27,17 @@ def _tanh_formula(
     return torch.tanh(magnitude * rate).sum(-1)
 
 
-TANH = RowOp(_tanh_formula)
+def _tanh_kernel(
+    learned: Tensor, weight: Tensor | None, *, dtype: torch.dtype, scale: float
+) -> Tensor:
+    # The formula's operations, in place on one fresh block: the same numbers, two temporaries
+    # fewer. (ATen's tanh is the bound: about 1 ns an element on this CPU.)
+    rates = absolute_in(learned, dtype)
+    rates.mul_(scale if weight is None else weight.to(dtype) * scale)
+    return rates.tanh_().sum(-1)
+
+
+TANH = RowOp(_tanh_formula, _tanh_kernel)
 
 
 def tanh_sparsity(
