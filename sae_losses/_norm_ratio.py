@@ -10,7 +10,7 @@ from torch import Tensor
 
 from sae_losses._checks import Reduce, check_pair
 from sae_losses._masks import Mask
-from sae_losses._pair_norms import pair_gradients, scaled_rows, wide_norms
+from sae_losses._pair_norms import pair_gradients, pair_rows, scaled_rows
 from sae_losses._row_term import row_term
 from sae_losses._rowops import RowOp
 
@@ -28,13 +28,13 @@ def _norm_ratio_formula(decoded: Tensor, source: Tensor, *, dtype: torch.dtype) 
     return torch.where(either, edge.to(dtype), ratio)
 
 
-def _norm_ratio_rows(decoded: Tensor, source: Tensor, *, dtype: torch.dtype) -> Tensor:
-    if dtype == torch.float64:
-        return _norm_ratio_formula(decoded, source, dtype=dtype)
-    _, _, d_norm, s_norm = wide_norms(decoded, source)
+def _wide_norm_ratio(d: Tensor, s: Tensor, d_norm: Tensor, s_norm: Tensor) -> Tensor:
     # A row holding Inf is NaN, as in the formula (whose scale is then Inf).
-    ratio = torch.where(d_norm.isinf() | s_norm.isinf(), torch.nan, d_norm / s_norm)
-    return ratio.to(dtype)
+    return torch.where(d_norm.isinf() | s_norm.isinf(), torch.nan, d_norm / s_norm)
+
+
+def _norm_ratio_rows(decoded: Tensor, source: Tensor, *, dtype: torch.dtype) -> Tensor:
+    return pair_rows(decoded, source, dtype, _norm_ratio_formula, _wide_norm_ratio)
 
 
 def _norm_ratio_coefficients(
@@ -52,6 +52,7 @@ NORM_RATIO = RowOp(
     _norm_ratio_formula,
     _norm_ratio_rows,
     pair_gradients(_norm_ratio_formula, _norm_ratio_coefficients),
+    blocks_itself=True,
 )
 
 

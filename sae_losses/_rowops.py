@@ -51,12 +51,15 @@ class RowOp:
     ``fast_rows`` has the same signature and computes the values faster in eager mode;
     ``gradients(inputs, grad_rows, dtype, needs, **options)`` returns one gradient per input.
     Either may be None: the formula stands in. A non-``differentiable`` op detaches its inputs.
+    An op that ``blocks_itself`` gets the whole batch in ``fast_rows``, which loops over
+    :func:`row_blocks` on its own (the pair terms, to reuse their float64 buffers).
     """
 
     formula: Callable[..., Tensor]
     fast_rows: Callable[..., Tensor] | None = None
     gradients: Callable[..., Gradients] | None = None
     differentiable: bool = True
+    blocks_itself: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,14 +84,16 @@ class RowSpec:
         return self.op.formula(*inputs, dtype=self.dtype, **self.options)
 
 
-def row_blocks(x: Tensor) -> list[slice]:
-    """The row slices the eager path computes ``x`` in: one, or blocks of ``BLOCK_ELEMENTS``.
+def row_blocks(x: Tensor, elements: int | None = None) -> list[slice]:
+    """The row slices the eager path computes ``x`` in: one, or blocks of ``elements``
+    (default ``BLOCK_ELEMENTS``).
 
-    One call while ``x`` has at most ``ONE_CALL_BLOCKS * BLOCK_ELEMENTS`` elements.
+    One call while ``x`` has at most ``ONE_CALL_BLOCKS`` blocks' elements.
     """
-    if x.numel() <= ONE_CALL_BLOCKS * BLOCK_ELEMENTS:
+    elements = BLOCK_ELEMENTS if elements is None else elements
+    if x.numel() <= ONE_CALL_BLOCKS * elements:
         return [slice(None)]
-    size = max(1, BLOCK_ELEMENTS // math.prod(x.shape[1:]))
+    size = max(1, elements // math.prod(x.shape[1:]))
     return [slice(start, start + size) for start in range(0, x.shape[0], size)]
 
 
@@ -97,7 +102,7 @@ def _blocked_rows(spec: RowSpec, inputs: Tensors) -> Tensor:
     batched, params = inputs[: spec.n_batched], inputs[spec.n_batched :]
     first = batched[0]
     assert first is not None
-    blocks = row_blocks(first)
+    blocks = [slice(None)] if spec.op.blocks_itself else row_blocks(first)
     if len(blocks) == 1:
         return kernel(*inputs, dtype=spec.dtype, **spec.options)
     rows: Tensor | None = None

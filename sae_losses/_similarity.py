@@ -13,7 +13,7 @@ from torch.linalg import vecdot
 
 from sae_losses._checks import Reduce, check_pair
 from sae_losses._masks import Mask
-from sae_losses._pair_norms import pair_gradients, scaled_rows, wide_norms
+from sae_losses._pair_norms import pair_gradients, pair_rows, scaled_rows
 from sae_losses._row_term import row_term
 from sae_losses._rowops import RowOp
 
@@ -30,12 +30,13 @@ def _cosine_formula(decoded: Tensor, source: Tensor, *, dtype: torch.dtype) -> T
     return torch.where(undefined, torch.nan, cosine)
 
 
-def _cosine_rows(decoded: Tensor, source: Tensor, *, dtype: torch.dtype) -> Tensor:
-    if dtype == torch.float64:
-        return _cosine_formula(decoded, source, dtype=dtype)
-    d, s, d_norm, s_norm = wide_norms(decoded, source)
+def _wide_cosine(d: Tensor, s: Tensor, d_norm: Tensor, s_norm: Tensor) -> Tensor:
     norms = d_norm * s_norm
-    return torch.where(norms > 0, vecdot(d, s) / norms, torch.nan).to(dtype)
+    return torch.where(norms > 0, d.mul_(s).sum(-1) / norms, torch.nan)
+
+
+def _cosine_rows(decoded: Tensor, source: Tensor, *, dtype: torch.dtype) -> Tensor:
+    return pair_rows(decoded, source, dtype, _cosine_formula, _wide_cosine)
 
 
 def _cosine_coefficients(
@@ -49,7 +50,12 @@ def _cosine_coefficients(
     return -cosine / d_norm.square(), unit, unit, -cosine / s_norm.square()
 
 
-COSINE = RowOp(_cosine_formula, _cosine_rows, pair_gradients(_cosine_formula, _cosine_coefficients))
+COSINE = RowOp(
+    _cosine_formula,
+    _cosine_rows,
+    pair_gradients(_cosine_formula, _cosine_coefficients),
+    blocks_itself=True,
+)
 
 
 def cosine_similarity(

@@ -120,8 +120,8 @@ class RowBlocksSpy:
         self.calls: list[tuple[type, int]] = []
         self._original = _rowops.row_blocks
 
-    def __call__(self, x):
-        blocks = self._original(x)
+    def __call__(self, x, elements=None):
+        blocks = self._original(x, elements)
         self.calls.append((type(x), len(blocks)))
         return blocks
 
