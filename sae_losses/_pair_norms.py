@@ -7,14 +7,14 @@ squares overflow) and ``2e-34`` for two equal rows of ``1e-25`` (they underflow)
 give 1.
 
 - The eager kernels and gradients compute float32 and half inputs in float64, a block of rows at
-  a time (:func:`wide_norms`, :func:`pair_gradients`): the square of any float32 value is finite
+  a time (:func:`pair_rows`, :func:`pair_gradients`): the square of any float32 value is finite
   and normal there.
 - The formula (under ``torch.compile`` and ``torch.func``, and for float64 inputs) first divides
   each row by its largest absolute entry (:func:`scaled_rows`). Neither value depends on that
   positive scale, so it is detached, and the gradient is still exact.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -31,7 +31,7 @@ from sae_losses._rowops import (
     row_blocks,
 )
 
-__all__ = ["Coefficients", "WideRows", "pair_gradients", "pair_rows", "scaled_rows", "wide_norms"]
+__all__ = ["Coefficients", "WideRows", "pair_gradients", "pair_rows", "scaled_rows"]
 
 # Per-row coefficients (a, b, c, e) of the gradients d a + s b (to decoded) and d c + s e (to
 # source), from the float64 rows d, s, their norms and the upstream gradient g.
@@ -46,10 +46,24 @@ def scaled_rows(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     return x / torch.where(zero, 1, scale).unsqueeze(-1), scale, zero
 
 
-def wide_norms(decoded: Tensor, source: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Both rows in float64, then their Euclidean norms ``(batch, *component)``."""
-    d, s = decoded.to(torch.float64), source.to(torch.float64)
-    return d, s, vector_norm(d, dim=-1), vector_norm(s, dim=-1)
+def _wide_blocks(
+    decoded: Tensor, source: Tensor
+) -> Iterator[tuple[slice, Tensor, Tensor, Tensor, Tensor]]:
+    """``(block, d, s, ‖d‖, ‖s‖)`` for each row block, ``d`` and ``s`` in float64.
+
+    Every block is copied (``copy_`` converts in place) into the same two 2 MiB float64 buffers,
+    made once a call: fresh block-sized float64 temporaries made glibc's malloc fault on each of
+    their pages in some processes (a norm ratio of 8192 x 2304 float32 rows took 24x the read
+    floor; 3x in the buffers). The caller may overwrite ``d`` and ``s``.
+    """
+    blocks = row_blocks(decoded, _rowops.BLOCK_ELEMENTS // 2)
+    shape = (decoded[blocks[0]].shape[0], *decoded.shape[1:])
+    buffers = [torch.empty(shape, dtype=torch.float64, device=decoded.device) for _ in range(2)]
+    for block in blocks:
+        n = decoded[block].shape[0]
+        d = buffers[0][:n].copy_(decoded[block])
+        s = buffers[1][:n].copy_(source[block])
+        yield block, d, s, vector_norm(d, dim=-1), vector_norm(s, dim=-1)
 
 
 WideRows = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -62,25 +76,14 @@ def pair_rows(
     formula: Callable[..., Tensor],
     wide_rows: WideRows,
 ) -> Tensor:
-    """A pair term's rows in :func:`row_blocks`: ``formula`` for float64 inputs, otherwise
-    ``wide_rows(d, s, ‖d‖, ‖s‖)`` of each block copied into the same two float64 buffers.
-
-    ``wide_rows`` may overwrite ``d`` and ``s``. The buffers (2 MiB each) are made once a call:
-    fresh block-sized float64 temporaries made glibc's malloc fault on each of their pages in
-    some processes (a norm ratio of 8192 x 2304 float32 rows took 24x the read floor; 3x now).
-    """
-    blocks = row_blocks(decoded, _rowops.BLOCK_ELEMENTS // 2)  # 2 MiB buffers of float64
+    """A pair term's rows in row blocks: ``formula`` for float64 inputs, otherwise
+    ``wide_rows(d, s, ‖d‖, ‖s‖)`` of each block in float64 (which may overwrite ``d``, ``s``)."""
     if dtype == torch.float64:
+        blocks = row_blocks(decoded, _rowops.BLOCK_ELEMENTS // 2)
         return torch.cat([formula(decoded[b], source[b], dtype=dtype) for b in blocks])
-    size = decoded[blocks[0]].shape[0]
-    shape, device = (size, *decoded.shape[1:]), decoded.device
-    buffers = [torch.empty(shape, dtype=torch.float64, device=device) for _ in range(2)]
-    rows = torch.empty(decoded.shape[:-1], dtype=dtype, device=device)
-    for block in blocks:
-        n = decoded[block].shape[0]
-        d = buffers[0][:n].copy_(decoded[block])
-        s = buffers[1][:n].copy_(source[block])
-        rows[block] = wide_rows(d, s, vector_norm(d, dim=-1), vector_norm(s, dim=-1))
+    rows = torch.empty(decoded.shape[:-1], dtype=dtype, device=decoded.device)
+    for block, d, s, d_norm, s_norm in _wide_blocks(decoded, source):
+        rows[block] = wide_rows(d, s, d_norm, s_norm)
     return rows
 
 
@@ -103,8 +106,7 @@ def pair_gradients(
             torch.empty_like(x) if need else None
             for x, need in zip((decoded, source), needs, strict=True)
         ]
-        for block in row_blocks(decoded):
-            d, s, d_norm, s_norm = wide_norms(decoded[block], source[block])
+        for block, d, s, d_norm, s_norm in _wide_blocks(decoded, source):
             g = grad_rows[block].to(torch.float64)
             a, b, c, e = (k.unsqueeze(-1) for k in coefficients(d, s, d_norm, s_norm, g))
             for grad, (k_d, k_s) in zip(grads, ((a, b), (c, e)), strict=True):
